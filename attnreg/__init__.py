@@ -1,0 +1,17 @@
+"""attnreg: Attention Regulation (Zhang et al., ECCV 2024) for diffusers text-to-image pipelines."""
+
+from .config import ConfigError, RegulationConfig, PRESETS
+from .regulator import AttentionRegulator, GuidanceError, LayerError, UnsupportedPipelineError
+from .tokens import TargetError
+
+__all__ = [
+    "AttentionRegulator",
+    "RegulationConfig",
+    "PRESETS",
+    "ConfigError",
+    "GuidanceError",
+    "LayerError",
+    "TargetError",
+    "UnsupportedPipelineError",
+]
+__version__ = "0.1.0"

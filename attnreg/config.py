@@ -1,0 +1,122 @@
+"""RegulationConfig: every constant of Attention Regulation, in one place, with its presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .regulation import LossWeights
+
+
+class ConfigError(ValueError):
+    """A RegulationConfig with impossible values."""
+
+
+@dataclass(frozen=True)
+class RegulationConfig:
+    """What Attention Regulation does, and where. The defaults are the `paper` preset.
+
+    The `paper` preset follows the authors' released code (see `method.md`), with three fixes:
+    8 x 8 maps work (bump sigma is at least 1 and the bump grid spans any map size), the initial
+    weights come from a generator seeded with `seed` so a run is reproducible, and each edited
+    attention is computed once (the release ran the layer's own forward, then recomputed it).
+
+    Where:
+      layers: UNet block prefixes ("down_blocks.2", "mid_block") or full attention module names
+        ("down_blocks.2.attentions.0.transformer_blocks.0.attn2") whose cross-attention is edited.
+        None: the model's own choice (`attnreg.json` next to its weights) or else every block at the
+        lowest cross-attention resolution except the mid block, i.e. `down_blocks.2` and
+        `up_blocks.1` (16 x 16 at 512 px) on SD 1.x/2.x, `down_blocks.2` and `up_blocks.0` on SDXL.
+      edit_steps: edit the first `edit_steps` denoising steps; None: half of them (25 of 50).
+    The maps (Sec. 4.2):
+      bumps_per_side: the offsets are sums of bumps_per_side**2 Gaussian bumps (7 x 7 = 49).
+      sigma_divisor: bump sigma = max(1, map width / sigma_divisor).
+    The loss (Sec. 4.3), L = gamma L_high + delta L_prop + epsilon L_reg:
+      gamma, delta, epsilon: 1, 80, 0.09 as released (epsilon is the paper's beta, Fig. 5).
+      quantile, high_target: the top 10 % of a target's pixels should carry 0.9 of its attention.
+      per_target_share: tau = min(1, per_target_share * n); each target's mean attention -> tau / n.
+    The solver:
+      iterations, lr: 20 gradient-descent steps of size 100 per (image, head); best iterate kept.
+      init_low, init_high: initial weights uniform in [init_low, init_high), drawn from a generator
+        seeded with `seed` at the start of every call.
+    Over steps:
+      smoothing: applied = decay**s * (smoothing * previous best + (1 - smoothing) * best).
+      decay: 0.99 as released.
+      restore_special: after the softmax, put back the unedited SOS and first-EOS probabilities.
+    """
+
+    layers: tuple[str, ...] | None = None
+    edit_steps: int | None = None
+    bumps_per_side: int = 7
+    sigma_divisor: float = 16.0
+    gamma: float = 1.0
+    delta: float = 80.0
+    epsilon: float = 0.09
+    quantile: float = 0.9
+    high_target: float = 0.9
+    per_target_share: float = 0.2
+    iterations: int = 20
+    lr: float = 100.0
+    init_low: float = 0.0
+    init_high: float = 1.0
+    smoothing: float = 0.25
+    decay: float = 0.99
+    restore_special: bool = True
+    seed: int = 0
+    preset: str = field(default="paper", compare=False)
+
+    def __post_init__(self):
+        if isinstance(self.layers, (list, str)):
+            object.__setattr__(self, "layers", tuple([self.layers] if isinstance(self.layers, str) else self.layers))
+        problems = []
+        if self.layers is not None and len(self.layers) == 0:
+            problems.append("layers is empty (use None for the model's default layers)")
+        if self.edit_steps is not None and (not isinstance(self.edit_steps, int) or self.edit_steps < 0):
+            problems.append(f"edit_steps={self.edit_steps!r} must be a non-negative integer or None")
+        if not isinstance(self.bumps_per_side, int) or self.bumps_per_side < 1:
+            problems.append(f"bumps_per_side={self.bumps_per_side!r} must be an integer >= 1")
+        if not self.sigma_divisor > 0:
+            problems.append(f"sigma_divisor={self.sigma_divisor!r} must be > 0")
+        for name in ("gamma", "delta", "epsilon"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name}={getattr(self, name)!r} must be >= 0")
+        if not 0 < self.quantile < 1:
+            problems.append(f"quantile={self.quantile!r} must be in (0, 1)")
+        if not 0 < self.high_target <= 1:
+            problems.append(f"high_target={self.high_target!r} must be in (0, 1]")
+        if not 0 < self.per_target_share <= 1:
+            problems.append(f"per_target_share={self.per_target_share!r} must be in (0, 1]")
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            problems.append(f"iterations={self.iterations!r} must be an integer >= 1")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr!r} must be > 0")
+        if not self.init_low <= self.init_high:
+            problems.append(f"init_low={self.init_low!r} must be <= init_high={self.init_high!r}")
+        if not 0 <= self.smoothing <= 1:
+            problems.append(f"smoothing={self.smoothing!r} must be in [0, 1]")
+        if not 0 < self.decay <= 1:
+            problems.append(f"decay={self.decay!r} must be in (0, 1]")
+        if problems:
+            raise ConfigError("invalid RegulationConfig: " + "; ".join(problems))
+
+    @property
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.gamma, self.delta, self.epsilon, self.quantile, self.high_target, self.per_target_share)
+
+    @classmethod
+    def from_preset(cls, name: str = "paper", **overrides) -> "RegulationConfig":
+        """A preset by name, with any field overridden."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def replace(self, **overrides) -> "RegulationConfig":
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, RegulationConfig] = {
+    "paper": RegulationConfig(preset="paper"),
+}

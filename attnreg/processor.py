@@ -1,0 +1,185 @@
+"""The diffusers side: an attention processor that regulates the selected cross-attention layers.
+
+It speaks diffusers' processor protocol. On a layer and step that is neither edited nor recorded it
+hands the call to the layer's own processor untouched (SDPA stays fast); elsewhere it computes the
+attention once, explicitly, because the probabilities must be seen and changed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import RegulationConfig
+from .regulation import gaussian_bases, optimise_offsets, smoothed_weights, offsets_from_weights
+
+
+@dataclass
+class CallPlan:
+    """What one pipeline call asks for, fixed before the first step."""
+
+    n_images: int  # images in the conditional half of the guidance batch
+    image_targets: list[tuple[int, ...]]  # target token indices, per image
+    image_eos: list[int]  # index of the first EOS, per image
+    edit_steps: int
+
+
+@dataclass
+class RegulationState:
+    """Shared by every processor of one regulator: the step, the plan, and what each layer remembers."""
+
+    config: RegulationConfig
+    edited_layers: frozenset[str]
+    plan: CallPlan | None = None
+    step: int = 0
+    latent_hw: tuple[int, int] | None = None
+    generator: torch.Generator | None = None
+    previous_best: dict = field(default_factory=dict)  # (layer, targets) -> weights of last step
+    observers: list = field(default_factory=list)  # e.g. an attention recorder, see recording.py
+    stats: dict = field(default_factory=dict)  # (layer, step) -> (initial loss, best loss), 0-d tensors
+    _bases: dict = field(default_factory=dict)
+
+    def start(self, plan: CallPlan | None) -> None:
+        self.plan, self.step, self.latent_hw = plan, 0, None
+        self.generator = torch.Generator("cpu").manual_seed(self.config.seed)
+        self.previous_best.clear()
+        self.stats.clear()
+
+    def stop(self) -> None:
+        self.plan, self.generator = None, None
+        self.previous_best.clear()
+
+    def edits(self, layer: str) -> bool:
+        return self.plan is not None and layer in self.edited_layers and self.step < self.plan.edit_steps
+
+    def observed(self, layer: str) -> list:
+        return [o for o in self.observers if o.wants(layer, self.step)]
+
+    def map_shape(self, n_pixels: int) -> tuple[int, int]:
+        """(H, W) of a layer's map from its pixel count and the latent's size."""
+        if self.latent_hw is not None:
+            h, w = self.latent_hw
+            for level in range(8):
+                hh, ww = math.ceil(h / 2**level), math.ceil(w / 2**level)
+                if hh * ww == n_pixels:
+                    return hh, ww
+        side = math.isqrt(n_pixels)
+        if side * side != n_pixels:
+            raise ValueError(f"cannot tell the shape of a {n_pixels}-pixel attention map")
+        return side, side
+
+    def bases(self, hw: tuple[int, int], device) -> torch.Tensor:
+        key = (hw, str(device))
+        if key not in self._bases:
+            c = self.config
+            self._bases[key] = gaussian_bases(*hw, per_side=c.bumps_per_side, sigma_divisor=c.sigma_divisor, device=device)
+        return self._bases[key]
+
+
+class RegulatedAttnProcessor:
+    """Wraps one layer's own processor; regulates or records its cross-attention when asked."""
+
+    def __init__(self, name: str, original: Callable, state: RegulationState):
+        self.name, self.original, self.state = name, original, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        state = self.state
+        edit = encoder_hidden_states is not None and state.edits(self.name)
+        observers = state.observed(self.name) if encoder_hidden_states is not None else []
+        if not edit and not observers:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        return self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, edit, observers)
+
+    def _explicit(self, attn, hidden_states, context, attention_mask, temb, edit, observers):
+        # Mirrors diffusers' AttnProcessor2_0, with the softmax done by hand.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, n_pixels, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        heads, head_dim = attn.heads, key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # Logits in fp32 whatever the pipeline's dtype: the optimisation and the softmax need it.
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # (batch, heads, P, J)
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            scores = scores + mask.view(batch, heads, -1, mask.shape[-1]).float()
+        probs = scores.softmax(dim=-1)
+        if edit:
+            probs = self._regulate(scores, probs, n_pixels)
+        for observer in observers:
+            observer.record(self.name, self.state.step, probs, self.state)
+
+        hidden_states = torch.matmul(probs.to(value.dtype), value)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _regulate(self, scores: torch.Tensor, probs: torch.Tensor, n_pixels: int) -> torch.Tensor:
+        """Replace the conditional half's probabilities by softmax(S + Delta) (Sec. 4, Alg. 1)."""
+        state, config, plan = self.state, self.state.config, self.state.plan
+        batch, heads = scores.shape[:2]
+        n = plan.n_images
+        if batch != 2 * n:
+            raise RuntimeError(
+                f"attnreg expected a guidance batch of {2 * n} (unconditional + conditional), got {batch}"
+            )
+        bases = state.bases(state.map_shape(n_pixels), scores.device)
+        probs = probs.clone()
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for image, targets in enumerate(plan.image_targets):
+            if targets:
+                groups.setdefault(targets, []).append(image)
+        for targets, images in groups.items():
+            rows = [n + i for i in images]  # the conditional half comes second
+            s = scores[rows].reshape(len(rows) * heads, n_pixels, -1)  # (B, P, J)
+            t = torch.tensor(targets, device=s.device)
+            keep = torch.ones(s.shape[-1], dtype=torch.bool, device=s.device)
+            keep[t] = False
+            target_logits, rest_lse = s[..., t], torch.logsumexp(s[..., keep], dim=-1, keepdim=True)
+
+            shape = (s.shape[0], bases.shape[0], len(targets))
+            init = torch.rand(shape, generator=state.generator).mul_(config.init_high - config.init_low).add_(config.init_low)
+            init = init.to(s.device)
+            result = optimise_offsets(
+                target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights
+            )
+            key = (self.name, targets)
+            previous = state.previous_best.get(key)
+            if previous is None or previous.shape != init.shape:
+                previous = init  # at the first edited step "previous" is the random start
+            applied = smoothed_weights(previous, result.weights, state.step, config.smoothing, config.decay)
+            state.previous_best[key] = result.weights
+            state.stats[(self.name, state.step, targets)] = (result.initial_loss, result.loss)
+
+            edited = s.clone()
+            edited[..., t] = edited[..., t] + offsets_from_weights(applied, bases)
+            p = edited.softmax(dim=-1)
+            if config.restore_special:
+                eos = torch.tensor([plan.image_eos[i] for i in images], device=s.device).repeat_interleave(heads)
+                original = probs[rows].reshape_as(p)
+                p[..., 0] = original[..., 0]
+                p[torch.arange(p.shape[0], device=s.device), :, eos] = original[torch.arange(p.shape[0], device=s.device), :, eos]
+            probs[rows] = p.reshape(len(rows), heads, n_pixels, -1)
+        return probs

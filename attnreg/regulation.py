@@ -1,0 +1,147 @@
+"""Attention Regulation as plain tensor functions (Zhang et al., ECCV 2024, Sec. 4).
+
+Nothing here knows about diffusers. Shapes use the paper's notation:
+  B  = (image, head) pairs of the conditional half of the guidance batch,
+  P  = pixels of one cross-attention map (H * W),
+  J  = prompt tokens (77 for CLIP), T = target token indices, n = len(T),
+  K  = Gaussian bumps (49 = 7 x 7 in the paper).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def bump_sigma(size: int, divisor: float = 16.0) -> float:
+    """Width of the Gaussian bumps along one axis: W / 16 as released, but at least 1.
+
+    The release uses floor(W / 16), which is 0 (and crashes) for 8 x 8 maps; for W a multiple of 16
+    both agree.
+    """
+    return max(1.0, size / divisor)
+
+
+def gaussian_bases(
+    height: int,
+    width: int | None = None,
+    per_side: int = 7,
+    sigma_divisor: float = 16.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The K = per_side**2 fixed unit-peak Gaussian bumps G_k(p), shape (K, H * W).
+
+    Centres lie on the grid (i + 1) * W / (per_side + 1), i = 0..per_side-1, along each axis: for W a
+    multiple of 16 and per_side = 7 this is the release's {2 sigma, 4 sigma, ..., 14 sigma}. Unlike the
+    release, the grid always spans the map (for W = 8 or 24 its centres would leave the map or
+    cover only part of it), and non-square maps get one sigma per axis.
+    """
+    width = height if width is None else width
+    sy, sx = bump_sigma(height, sigma_divisor), bump_sigma(width, sigma_divisor)
+    steps = torch.arange(1, per_side + 1, device=device, dtype=torch.float64) / (per_side + 1)
+    cy, cx = steps * height, steps * width
+    ys = torch.arange(height, device=device, dtype=torch.float64)
+    xs = torch.arange(width, device=device, dtype=torch.float64)
+    gy = torch.exp(-((ys[None, :] - cy[:, None]) ** 2) / (2 * sy**2))  # (per_side, H)
+    gx = torch.exp(-((xs[None, :] - cx[:, None]) ** 2) / (2 * sx**2))  # (per_side, W)
+    bumps = gy[:, None, :, None] * gx[None, :, None, :]  # (per_side, per_side, H, W), separable
+    return bumps.reshape(per_side * per_side, height * width).to(dtype)
+
+
+def target_share(n_targets: int, per_target: float = 0.2, cap: float = 1.0) -> float:
+    """tau / n: the mean attention each target should get, tau = min(cap, per_target * n)."""
+    return min(cap, per_target * n_targets) / n_targets
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The loss's constants as released: gamma L_high + delta L_prop + epsilon L_reg."""
+
+    gamma: float = 1.0
+    delta: float = 80.0
+    epsilon: float = 0.09
+    quantile: float = 0.9
+    high_target: float = 0.9
+    per_target_share: float = 0.2
+
+
+def target_probs(target_logits: torch.Tensor, rest_lse: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Softmax over all J tokens of (S + Delta), read only at the target columns.
+
+    Only target logits move, so the other J - n columns enter through one precomputed log-sum-exp
+    per pixel (`rest_lse`, shape (B, P, 1)): exact, and n / J of the work of the full softmax.
+    """
+    edited = target_logits + offsets  # (B, P, n)
+    return torch.exp(edited - torch.logaddexp(rest_lse, torch.logsumexp(edited, dim=-1, keepdim=True)))
+
+
+def regulation_loss(probs: torch.Tensor, weights: torch.Tensor, loss: LossWeights = LossWeights()) -> torch.Tensor:
+    """L = gamma L_high + delta L_prop + epsilon L_reg for target maps `probs` of shape (B, P, n).
+
+    L_high: the top (1 - quantile) of each target's pixels should carry `high_target` attention.
+    L_prop: every target's mean attention should be tau / n (equal absolute shares).
+    L_reg:  mean squared bump weight, the only "change as little as possible" term (the paper's beta).
+    """
+    n = probs.shape[-1]
+    high = torch.quantile(probs, loss.quantile, dim=1)  # (B, n)
+    l_high = ((high - loss.high_target) ** 2).mean()
+    l_prop = ((probs.mean(dim=1) - target_share(n, loss.per_target_share)) ** 2).mean()
+    l_reg = (weights**2).mean()
+    return loss.gamma * l_high + loss.delta * l_prop + loss.epsilon * l_reg
+
+
+@dataclass
+class SolverResult:
+    weights: torch.Tensor  # best bump weights found, (B, K, n)
+    loss: torch.Tensor  # loss of `weights` (0-d, on the weights' device)
+    initial_loss: torch.Tensor  # loss of the initial weights
+
+
+def optimise_offsets(
+    target_logits: torch.Tensor,
+    rest_lse: torch.Tensor,
+    bases: torch.Tensor,
+    init_weights: torch.Tensor,
+    iterations: int = 20,
+    lr: float = 100.0,
+    loss: LossWeights = LossWeights(),
+) -> SolverResult:
+    """Plain gradient descent on the bump weights w (B, K, n), keeping the lowest-loss iterate.
+
+    As released: the loss is evaluated before every update, the step is `lr` per (image, head), i.e.
+    lr * B times the gradient of the batch mean, and the iterate after the last update is not scored.
+    Runs in fp32 with its own autograd graph; nothing flows back into the model.
+    """
+    target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
+    w = init_weights.detach().float().clone()
+    best_w, best_loss, first_loss = w, torch.full((), math.inf, device=w.device), None
+    step = lr * w.shape[0]
+    with torch.enable_grad():
+        for _ in range(iterations):
+            w.requires_grad_(True)
+            value = regulation_loss(target_probs(target_logits, rest_lse, offsets_from_weights(w, bases)), w, loss)
+            (grad,) = torch.autograd.grad(value, w)
+            value, w = value.detach(), w.detach()
+            first_loss = value if first_loss is None else first_loss
+            # Keep the best iterate on the device: no host sync inside the loop.
+            better = value < best_loss
+            best_w, best_loss = torch.where(better, w, best_w), torch.where(better, value, best_loss)
+            w = w - step * grad
+    return SolverResult(best_w, best_loss, first_loss)
+
+
+def offsets_from_weights(weights: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """Delta(p, t) = sum_k w[k, t] G_k(p): (B, K, n) x (K, P) -> (B, P, n)."""
+    return torch.einsum("bkn,kp->bpn", weights, bases.to(weights.dtype))
+
+
+def smoothed_weights(previous_best: torch.Tensor, best: torch.Tensor, step: int, mix: float = 0.25, decay: float = 0.99) -> torch.Tensor:
+    """The weights actually applied at step s: decay**s * (mix * previous best + (1 - mix) * best).
+
+    A two-tap blend with the previous step's best (at s = 0, the random initial weights), not a true
+    moving average; the offsets are linear in w, so blending weights blends maps.
+    """
+    return decay**step * (mix * previous_best + (1.0 - mix) * best)

@@ -1,0 +1,231 @@
+"""AttentionRegulator: the plug-in a user puts around a diffusers pipeline."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from .config import RegulationConfig
+from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
+from .tokens import auto_targets, eos_index, resolve_targets, token_table
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+class UnsupportedPipelineError(TypeError):
+    """A pipeline attnreg cannot regulate (yet)."""
+
+
+class LayerError(ValueError):
+    """A layer name that is not a cross-attention layer of the UNet."""
+
+
+class GuidanceError(ValueError):
+    """The call has no unconditional half (guidance scale <= 1), or too few steps to edit."""
+
+
+def check_pipeline(pipe) -> None:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise UnsupportedPipelineError(
+            f"attnreg supports {' and '.join(SUPPORTED_PIPELINES)} (SD 1.x, 2.x, SDXL) and their subclasses; "
+            f"got {type(pipe).__name__}. SD3 and FLUX use joint attention and are not supported yet."
+        )
+
+
+def cross_attention_layers(unet) -> list[str]:
+    """Names of the UNet's cross-attention modules ("...attn2"), in forward order."""
+    return [k.removesuffix(".processor") for k in unet.attn_processors if k.endswith("attn2.processor")]
+
+
+def layer_blocks(unet) -> list[str]:
+    """The block prefixes that hold cross-attention ("down_blocks.2", "mid_block", ...)."""
+    blocks = []
+    for name in cross_attention_layers(unet):
+        parts = name.split(".")
+        block = parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
+        if block not in blocks:
+            blocks.append(block)
+    return blocks
+
+
+def default_layers(unet) -> tuple[str, ...]:
+    """The model's own choice (`attnreg.json` beside its weights), else every block at the lowest
+    cross-attention resolution except the mid block: SD's 16 x 16 layers at 512 px."""
+    source = getattr(unet.config, "_name_or_path", None)
+    if source:
+        spec = Path(source).parent / "attnreg.json"
+        if spec.is_file():
+            layers = json.loads(spec.read_text()).get("paper_layers")
+            if layers:
+                return tuple(layers)
+    blocks = layer_blocks(unet)
+    downs = [b for b in blocks if b.startswith("down_blocks.")]
+    ups = [b for b in blocks if b.startswith("up_blocks.")]
+    if not downs or not ups:
+        return tuple(b for b in blocks if b != "mid_block") or tuple(blocks)
+    deepest = max(int(b.split(".")[1]) for b in downs)
+    n_up = len(unet.up_blocks)
+    # up_blocks.j runs at the resolution of down_blocks.(n_up - 1 - j)
+    same = [b for b in ups if n_up - 1 - int(b.split(".")[1]) == deepest]
+    return (f"down_blocks.{deepest}", *same)
+
+
+def select_layers(unet, layers: tuple[str, ...] | None) -> frozenset[str]:
+    """The cross-attention modules named by `layers` (block prefixes or full module names)."""
+    layers = default_layers(unet) if layers is None else layers
+    names = cross_attention_layers(unet)
+    chosen = set()
+    for entry in layers:
+        entry = entry.removesuffix(".processor")
+        hits = [n for n in names if n == entry or n.startswith(entry + ".")]
+        if not hits:
+            raise LayerError(
+                f"{entry!r} holds no cross-attention layer of this UNet; valid blocks: {', '.join(layer_blocks(unet))} "
+                f"(or a full name such as {names[0]!r})"
+            )
+        chosen.update(hits)
+    return frozenset(chosen)
+
+
+def _default(pipe, name: str):
+    return inspect.signature(type(pipe).__call__).parameters[name].default
+
+
+class AttentionRegulator:
+    """Attention Regulation around a StableDiffusionPipeline or StableDiffusionXLPipeline.
+
+        reg = AttentionRegulator(pipe, RegulationConfig())
+        image = reg("a cat and a dog", targets=["cat", "dog"], generator=g).images[0]
+        reg.remove()
+
+    The pipeline is only changed while a call runs: its processors on the edited layers are wrapped,
+    and restored (the same objects) when the call ends, however it ends. Every keyword other than
+    `targets` goes to the pipeline unchanged, `callback_on_step_end` included.
+    """
+
+    def __init__(self, pipe, config: RegulationConfig | None = None):
+        check_pipeline(pipe)
+        self.pipe = pipe
+        self.config = config or RegulationConfig()
+        self.layers = select_layers(pipe.unet, self.config.layers)
+        self.state = RegulationState(self.config, self.layers)
+        self.last_targets: list[dict] = []
+        self._removed = False
+
+    # -- targets --------------------------------------------------------------------------------
+    def resolve(self, prompt: str, targets: list[str | int] | None) -> dict:
+        """{"prompt", "targets", "indices", "tokens", "source"} for one prompt."""
+        tok = self.pipe.tokenizer
+        source = "given"
+        if targets is None:
+            targets, source = auto_targets(prompt)
+        indices = resolve_targets(tok, prompt, list(targets))
+        table = token_table(tok, prompt)
+        return {
+            "prompt": prompt,
+            "targets": list(targets),
+            "indices": indices,
+            "tokens": [table[i].text for i in indices],
+            "source": source,
+        }
+
+    def _per_prompt_targets(self, prompts: list[str], targets) -> list:
+        if targets is None or isinstance(targets, str):
+            targets = None if targets is None else [t.strip() for t in targets.split(",") if t.strip()]
+            return [targets] * len(prompts)
+        targets = list(targets)
+        if targets and all(isinstance(t, (list, tuple)) or t is None for t in targets):
+            if len(targets) != len(prompts):
+                raise ValueError(f"got {len(targets)} target lists for {len(prompts)} prompts; give one per prompt")
+            return [None if t is None else list(t) for t in targets]
+        return [targets] * len(prompts)  # one flat list: the same targets for every prompt
+
+    # -- the call -------------------------------------------------------------------------------
+    def __call__(self, prompt: str | list[str], targets=None, **kwargs):
+        if self._removed:
+            raise RuntimeError("this AttentionRegulator was removed; make a new one")
+        if prompt is None or kwargs.get("prompt_embeds") is not None:
+            raise ValueError("attnreg needs the prompt text (to find the target tokens), not prompt_embeds")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = self._per_prompt_targets(prompts, targets)
+        resolved = [self.resolve(p, t) for p, t in zip(prompts, per_prompt)]
+        for r in resolved:
+            if r["source"] != "given":
+                chosen = ", ".join(f"{w} -> {i}" for w, i in zip(r["tokens"], r["indices"])) or "none found"
+                print(f"attnreg: targets for {r['prompt']!r} ({r['source']}): {chosen}")
+        self.last_targets = resolved
+
+        steps = kwargs.get("num_inference_steps", _default(self.pipe, "num_inference_steps"))
+        edit_steps = steps // 2 if self.config.edit_steps is None else self.config.edit_steps
+        if edit_steps > steps:
+            raise GuidanceError(f"edit_steps={edit_steps} is larger than num_inference_steps={steps}")
+        guidance = kwargs.get("guidance_scale", _default(self.pipe, "guidance_scale"))
+        if guidance <= 1 or getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is not None:
+            raise GuidanceError(
+                f"attnreg edits the conditional half of classifier-free guidance; guidance_scale={guidance} "
+                "gives no unconditional half. Use guidance_scale > 1."
+            )
+        if not any(r["indices"] for r in resolved):
+            warnings.warn("attnreg: no targets given or found; running the pipeline without regulation", stacklevel=2)
+            return self.pipe(prompt=prompt, **kwargs)
+
+        per_image = kwargs.get("num_images_per_prompt", 1) or 1
+        tok = self.pipe.tokenizer
+        plan = CallPlan(
+            n_images=len(prompts) * per_image,
+            image_targets=[tuple(r["indices"]) for r in resolved for _ in range(per_image)],
+            image_eos=[eos_index(tok, r["prompt"]) for r in resolved for _ in range(per_image)],
+            edit_steps=edit_steps,
+        )
+        return self.run(prompt, plan, **kwargs)
+
+    def run(self, prompt, plan: CallPlan | None, **kwargs):
+        """Call the pipeline with the processors installed for `plan` (None: only observers)."""
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        unet, state = self.pipe.unet, self.state
+        originals = unet.attn_processors
+        user_callback = kwargs.pop("callback_on_step_end", None)
+        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
+            kwargs.setdefault("callback_on_step_end_tensor_inputs", user_callback.tensor_inputs)
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            state.step = step + 1
+            return user_callback(pipe, step, timestep, callback_kwargs) if user_callback else {}
+
+        def remember_latent(module, args, kw):
+            sample = args[0] if args else kw["sample"]
+            state.latent_hw = tuple(sample.shape[-2:])
+
+        wrapped = {
+            key: RegulatedAttnProcessor(key.removesuffix(".processor"), proc, state)
+            if key.removesuffix(".processor") in self.layers or state.observers
+            else proc
+            for key, proc in originals.items()
+        }
+        hook = unet.register_forward_pre_hook(remember_latent, with_kwargs=True)
+        state.start(plan)
+        try:
+            unet.set_attn_processor(wrapped)
+            return self.pipe(prompt=prompt, callback_on_step_end=on_step_end, **kwargs)
+        finally:
+            unet.set_attn_processor(originals)
+            hook.remove()
+            state.stop()
+
+    def remove(self) -> None:
+        """Switch regulation off for good. The pipeline already has its own processors back: they are
+        only replaced while a call of this regulator runs."""
+        self._removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()

@@ -1,0 +1,150 @@
+"""Targets: from words or phrases to the prompt's token indices, with the pipeline's own tokenizer."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+class TargetError(ValueError):
+    """A target that cannot be found among the prompt's tokens."""
+
+
+@dataclass(frozen=True)
+class Token:
+    index: int  # position in the 77-token sequence (0 = SOS)
+    text: str  # the BPE token, "</w>" stripped
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids with SOS and EOS, not truncated and not padded."""
+    return tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+
+
+def token_table(tokenizer, prompt: str) -> list[Token]:
+    """Every token the text encoder sees (SOS .. first EOS), as the pipeline truncates them."""
+    ids = prompt_ids(tokenizer, prompt)[: tokenizer.model_max_length]
+    if ids[-1] != tokenizer.eos_token_id:
+        ids[-1] = tokenizer.eos_token_id  # truncation keeps the EOS in the last slot
+    return [Token(i, _clean(tokenizer.convert_ids_to_tokens(t))) for i, t in enumerate(ids)]
+
+
+def eos_index(tokenizer, prompt: str) -> int:
+    """Index of the first EOS token (the release restores its probability after editing)."""
+    return len(token_table(tokenizer, prompt)) - 1
+
+
+def format_tokens(tokens: list[Token]) -> str:
+    return " ".join(f"{t.index}:{t.text}" for t in tokens)
+
+
+def _clean(token: str) -> str:
+    return token.replace("</w>", "")
+
+
+_OCCURRENCE = re.compile(r"^(.*?)#(\d+)$")
+
+
+def resolve_targets(tokenizer, prompt: str, targets: list[str | int]) -> list[int]:
+    """Token indices of every sub-token of every target, in order, without duplicates.
+
+    A target is a word or phrase ("dog", "teddy bear", "Photographers"), matched as a contiguous run of
+    the prompt's tokens with the tokenizer's own normalisation (CLIP lower-cases), so words split into
+    several tokens give all of them; "cat#2" picks the second "cat"; an int is a token index itself.
+    """
+    ids = prompt_ids(tokenizer, prompt)
+    limit = tokenizer.model_max_length - 1  # the last slot holds EOS after truncation
+    table = token_table(tokenizer, prompt)
+    found: list[int] = []
+    for target in targets:
+        if isinstance(target, int):
+            if not 1 <= target < len(table) - 1:
+                raise TargetError(
+                    f"target index {target} is not a word token of {prompt!r}; "
+                    f"valid indices are 1..{len(table) - 2}: {format_tokens(table)}"
+                )
+            indices = [target]
+        else:
+            indices = _find_phrase(tokenizer, ids, prompt, str(target), table)
+            if indices[-1] >= limit:
+                raise TargetError(
+                    f"target {target!r} is at token {indices[0]} of {prompt!r}, past the "
+                    f"{tokenizer.model_max_length}-token truncation; the text encoder only sees: {format_tokens(table)}"
+                )
+        found += [i for i in indices if i not in found]
+    return found
+
+
+def _find_phrase(tokenizer, ids: list[int], prompt: str, target: str, table: list[Token]) -> list[int]:
+    text, occurrence = target.strip(), 1
+    match = _OCCURRENCE.match(text)
+    if match:
+        text, occurrence = match.group(1).strip(), int(match.group(2))
+    sub = tokenizer(text, add_special_tokens=False).input_ids
+    if not text or not sub:
+        raise TargetError(f"empty target {target!r}; the prompt's tokens are: {format_tokens(table)}")
+    starts = [i for i in range(1, len(ids) - len(sub)) if ids[i : i + len(sub)] == sub]
+    if len(starts) < occurrence:
+        where = "" if not starts else f" (it occurs {len(starts)} time(s))"
+        raise TargetError(
+            f"target {target!r} is not in the prompt {prompt!r}{where}; its tokens are: {format_tokens(table)}"
+        )
+    start = starts[occurrence - 1]
+    return list(range(start, start + len(sub)))
+
+
+# A documented lexical rule for when spaCy is not installed: split the prompt into phrases at
+# conjunctions, prepositions and punctuation, and take the last content word of each phrase
+# ("a painting of an elephant with glasses" -> painting, elephant, glasses).
+_SPLIT_WORDS = (
+    "and|with|without|on|in|inside|of|at|near|beside|behind|under|over|above|below|next to|by|"
+    "from|for|to|into|onto|holding|wearing|while|or|then|than"
+)
+_SPLIT = re.compile(rf"[,;.:!?()]|\b(?:{_SPLIT_WORDS})\b", re.IGNORECASE)
+_STOP = set(
+    "a an the one two three four five some many several this that these those his her its their my our "
+    "your is are was were be very big small large little tiny huge".split()
+)
+
+
+def _lexical_nouns(prompt: str) -> list[str]:
+    nouns = []
+    for phrase in _SPLIT.split(prompt):
+        words = [w for w in re.findall(r"[A-Za-z][A-Za-z'-]*", phrase or "") if w.lower() not in _STOP]
+        if words:
+            nouns.append(words[-1])
+    return nouns
+
+
+@lru_cache(maxsize=1)
+def _spacy_model():
+    try:
+        import spacy
+    except ImportError:
+        return None
+    for name in ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf"):
+        try:
+            return spacy.load(name)
+        except OSError:
+            continue
+    return None
+
+
+def auto_targets(prompt: str, use_spacy: bool = True) -> tuple[list[str], str]:
+    """The prompt's nouns and how they were found ("spacy" or "lexical rule")."""
+    nlp = _spacy_model() if use_spacy else None
+    if nlp is not None:
+        nouns = [t.text for t in nlp(prompt) if t.pos_ in ("NOUN", "PROPN")]
+        return _number_repeats(nouns), "spacy"
+    return _number_repeats(_lexical_nouns(prompt)), "lexical rule"
+
+
+def _number_repeats(words: list[str]) -> list[str]:
+    """"cat", "cat" -> "cat", "cat#2", so repeated nouns point at different tokens."""
+    seen: dict[str, int] = {}
+    out = []
+    for w in words:
+        seen[w.lower()] = seen.get(w.lower(), 0) + 1
+        out.append(w if seen[w.lower()] == 1 else f"{w}#{seen[w.lower()]}")
+    return out
