@@ -89,11 +89,16 @@ class RegulatedAttnProcessor:
         state = self.state
         edit = encoder_hidden_states is not None and state.edits(self.name)
         observers = state.observed(self.name) if encoder_hidden_states is not None else []
-        if not edit and not observers:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if not edit:
+            output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            if observers:
+                # Recording must not change the image: the layer's own processor gives the output (SDPA
+                # and an explicit softmax differ in the last bits); the probabilities are made on the side.
+                self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, False, observers, True)
+            return output
         return self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, edit, observers)
 
-    def _explicit(self, attn, hidden_states, context, attention_mask, temb, edit, observers):
+    def _explicit(self, attn, hidden_states, context, attention_mask, temb, edit, observers, probs_only=False):
         # Mirrors diffusers' AttnProcessor2_0, with the softmax done by hand.
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -126,6 +131,8 @@ class RegulatedAttnProcessor:
             probs = self._regulate(scores, probs, n_pixels)
         for observer in observers:
             observer.record(self.name, self.state.step, probs, self.state)
+        if probs_only:
+            return None
 
         hidden_states = torch.matmul(probs.to(value.dtype), value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
