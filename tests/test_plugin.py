@@ -1,0 +1,198 @@
+"""The plug-in on tiny SD and SDXL pipelines built from configs, with the real tokenizer."""
+
+import numpy as np
+import pytest
+import torch
+
+from attnreg import (
+    AttentionRegulator,
+    ConfigError,
+    GuidanceError,
+    LayerError,
+    RegulationConfig,
+    TargetError,
+    UnsupportedPipelineError,
+)
+from attnreg.processor import RegulatedAttnProcessor
+from attnreg.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+PROMPT = "a cat and a dog"
+STEPS = 6
+
+
+def gen(seed=0):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def images(fn, prompt=PROMPT, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    return fn(prompt, generator=gen(), output_type="np", **kw).images
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_sd_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="module")
+def vanilla(sd):
+    return images(sd)
+
+
+class TargetMass:
+    """Mean attention of the targets in the conditional half, per edited layer call."""
+
+    def __init__(self, targets):
+        self.targets, self.values = targets, []
+
+    def wants(self, layer, step):
+        return True
+
+    def record(self, layer, step, probs, state):
+        if layer in state.edited_layers and step < 3:
+            n = probs.shape[0] // 2
+            self.values.append(probs[n:, :, :, self.targets].mean().item())
+
+
+def test_regulated_differs_then_remove_gives_vanilla_bit_for_bit(sd, vanilla):
+    originals = sd.unet.attn_processors
+    reg = AttentionRegulator(sd, RegulationConfig())
+    out = images(reg, targets=["cat", "dog"])
+    assert np.abs(out - vanilla).max() > 1e-3
+    reg.remove()
+    after = sd.unet.attn_processors
+    assert all(after[k] is originals[k] for k in originals)
+    np.testing.assert_array_equal(images(sd), vanilla)
+    with pytest.raises(RuntimeError, match="removed"):
+        reg(PROMPT, targets=["cat"])
+
+
+def test_same_seed_same_image(sd):
+    reg = AttentionRegulator(sd)
+    np.testing.assert_array_equal(images(reg, targets=["cat", "dog"]), images(reg, targets=["cat", "dog"]))
+
+
+def test_target_attention_rises_in_edited_layers(sd):
+    reg = AttentionRegulator(sd)
+    vanilla_mass, regulated_mass = TargetMass([2, 5]), TargetMass([2, 5])
+    reg.state.observers.append(vanilla_mass)
+    reg.run(PROMPT, None, num_inference_steps=STEPS, generator=gen(), output_type="np")
+    # run() with no plan edits nothing: mark the layers so the observer counts the same calls
+    reg.state.observers[:] = [regulated_mass]
+    reg(PROMPT, targets=["cat", "dog"], num_inference_steps=STEPS, generator=gen(), output_type="np")
+    reg.state.observers.clear()
+    assert len(regulated_mass.values) == 3 * len(reg.layers)
+    assert len(vanilla_mass.values) == len(regulated_mass.values)
+    assert np.mean(regulated_mass.values) > 2 * np.mean(vanilla_mass.values)
+    # and the solver lowered the loss at every edited layer call
+    assert len(reg.state.stats) == 3 * len(reg.layers)
+    for initial, best in reg.state.stats.values():
+        assert best.item() < initial.item()
+
+
+def test_solver_stats_and_edit_steps(sd):
+    reg = AttentionRegulator(sd, RegulationConfig(edit_steps=2))
+    calls = []
+    def on_step(pipe, step, timestep, kw):
+        calls.append(step)
+        assert kw["latents"].shape[-1] == 32
+        return {}
+    images(reg, targets=["dog"], callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
+    assert calls == list(range(STEPS))  # the user's callback still runs every step
+    assert not any(isinstance(p, RegulatedAttnProcessor) for p in sd.unet.attn_processors.values())
+
+
+def test_batches_with_per_prompt_targets(sd):
+    reg = AttentionRegulator(sd)
+    out = reg(["a cat and a dog", "a red apple on a chair"], targets=[["cat", "dog"], ["apple", "chair"]],
+              num_images_per_prompt=2, num_inference_steps=3, generator=gen(), output_type="np")
+    assert out.images.shape[0] == 4
+    assert [r["indices"] for r in reg.last_targets] == [[2, 5], [3, 6]]
+
+
+def test_auto_targets_reported(sd, capsys):
+    reg = AttentionRegulator(sd)
+    images(reg, prompt="a red apple on a chair", num_inference_steps=2)
+    assert reg.last_targets[0]["tokens"] == ["apple", "chair"]
+    assert "apple -> 3, chair -> 6" in capsys.readouterr().out
+
+
+def test_v_prediction_and_bfloat16_have_no_nan():
+    pipe = tiny_sd_pipeline(prediction_type="v_prediction").to(dtype=torch.bfloat16)
+    reg = AttentionRegulator(pipe)
+    out = images(reg, targets=["cat", "dog"], num_inference_steps=3)
+    assert np.isfinite(out).all()
+
+
+def test_sdxl_regulates_and_restores(sdxl):
+    before = images(sdxl, num_inference_steps=4)
+    reg = AttentionRegulator(sdxl)
+    assert sorted({n.split(".attentions")[0] for n in reg.layers}) == ["down_blocks.1", "up_blocks.0"]
+    out = images(reg, targets=["cat", "dog"], num_inference_steps=4)
+    assert np.isfinite(out).all() and np.abs(out - before).max() > 1e-3
+    np.testing.assert_array_equal(images(sdxl, num_inference_steps=4), before)
+
+
+# -- bad input: a clear error, and the pipeline is left as it was ----------------------------------
+def assert_untouched(pipe, originals):
+    now = pipe.unet.attn_processors
+    assert all(now[k] is originals[k] for k in originals)
+
+
+def test_bad_targets_leave_pipeline_untouched(sd, vanilla):
+    originals = sd.unet.attn_processors
+    reg = AttentionRegulator(sd)
+    with pytest.raises(TargetError, match=r"'bird'.*1:a 2:cat"):
+        images(reg, targets=["bird"])
+    with pytest.raises(TargetError, match="truncation"):
+        reg("a " + "very " * 80 + "big dog", targets=["dog"], num_inference_steps=2)
+    with pytest.raises(ValueError, match="one per prompt"):
+        reg(["a cat", "a dog"], targets=[["cat"]], num_inference_steps=2)
+    assert_untouched(sd, originals)
+    with pytest.warns(UserWarning, match="without regulation"):
+        out = images(reg, targets=[])
+    np.testing.assert_array_equal(out, vanilla)
+
+
+def test_bad_steps_and_guidance(sd):
+    originals = sd.unet.attn_processors
+    with pytest.raises(GuidanceError, match="edit_steps=30 is larger than num_inference_steps=6"):
+        images(AttentionRegulator(sd, RegulationConfig(edit_steps=30)), targets=["cat"])
+    with pytest.raises(GuidanceError, match="guidance_scale > 1"):
+        images(AttentionRegulator(sd), targets=["cat"], guidance_scale=1.0)
+    assert_untouched(sd, originals)
+
+
+def test_unknown_layer_lists_valid_ones(sd):
+    originals = sd.unet.attn_processors
+    with pytest.raises(LayerError, match=r"'down_blocks.7'.*valid blocks: down_blocks.1, up_blocks.0"):
+        AttentionRegulator(sd, RegulationConfig(layers=("down_blocks.7",)))
+    assert_untouched(sd, originals)
+    reg = AttentionRegulator(sd, RegulationConfig(layers=("up_blocks.0.attentions.1.transformer_blocks.0.attn2",)))
+    assert len(reg.layers) == 1
+
+
+def test_unsupported_pipelines():
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(block_out_channels=(32, 32), sample_size=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    with pytest.raises(UnsupportedPipelineError, match="StableDiffusionPipeline and StableDiffusionXLPipeline"):
+        AttentionRegulator(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()))
+    with pytest.raises(UnsupportedPipelineError, match="got str"):
+        AttentionRegulator("not a pipeline")
+
+
+def test_impossible_configs():
+    with pytest.raises(ConfigError, match="iterations=0"):
+        RegulationConfig(iterations=0)
+    with pytest.raises(ConfigError, match=r"quantile=1\.5.*decay=0"):
+        RegulationConfig(quantile=1.5, decay=0)
+    with pytest.raises(ConfigError, match="layers is empty"):
+        RegulationConfig(layers=())
+    with pytest.raises(ConfigError, match="valid presets: paper"):
+        RegulationConfig.from_preset("fast-ish")
