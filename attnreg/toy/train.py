@@ -1,0 +1,561 @@
+"""Train the embedded toy Stable Diffusion on coloured-shape scenes.
+
+    python -m attnreg.toy.train --out runs/toy [--config default|tiny] [--export attnreg/toy/model]
+
+Three phases, each resumable (re-run the same command and it goes on where it stopped):
+
+1. ``vae``: an AutoencoderKL (64x64x3 -> 16x16x4) trained on freshly rendered scenes
+   (MSE + L1 + a small KL term).
+2. ``latents``: a pool of scenes is rendered and encoded once (posterior means, scaled to unit std),
+   stored in chunks under ``OUT/latents``.
+3. ``unet``: UNet2DConditionModel + a CLIPTextModel trained from scratch jointly on the cached
+   latents (epsilon prediction, min-SNR-5 weighting, 10 % caption dropout for classifier-free
+   guidance), with EMA weights. The caption order is reshuffled every time a scene is drawn.
+
+All randomness of step ``s`` comes from a generator seeded by (seed, phase, s), so a resumed run
+draws the same batches as an uninterrupted one. Every ``--ckpt-minutes`` a checkpoint (model,
+EMA, optimiser, step) is written and the EMA pipeline is exported with ``save_pretrained`` to
+``--export`` together with ``attnreg.json``, ``train_config.json``, ``loss.csv`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import COLOUR_NAMES, SHAPES, Obj, caption, random_scene, render
+
+PHASES = ("vae", "latents", "unet")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    image_size: int = 64
+    # VAE
+    vae_channels: tuple = (16, 32, 64)
+    vae_layers_per_block: int = 1
+    vae_steps: int = 900
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    # latent pool
+    pool_size: int = 60000
+    pool_chunk: int = 2000
+    encode_batch: int = 250
+    # UNet
+    unet_channels: tuple = (64, 96)
+    unet_heads: tuple = (1, 2)
+    unet_layers_per_block: int = 1
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 2
+    text_intermediate: int = 256
+    max_length: int = 77
+    unet_steps: int = 12000
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    plain_prob: float = 0.1  # one-object scenes captioned "a circle" with this probability
+    min_snr_gamma: float = 5.0
+    log_every: int = 25
+    threads: int = 2
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        return cls(vae_channels=(8, 16, 16), vae_steps=3, vae_batch=4, pool_size=16, pool_chunk=8, encode_batch=8,
+                   unet_channels=(16, 32), unet_heads=(1, 1), text_hidden=16, text_layers=1, text_heads=1,
+                   text_intermediate=32, unet_steps=3, batch=4, warmup=1, log_every=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# model construction
+
+
+def build_vae(cfg: Config):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(cfg.vae_channels), layers_per_block=cfg.vae_layers_per_block, latent_channels=4,
+        norm_num_groups=min(16, cfg.vae_channels[0]), sample_size=cfg.image_size, mid_block_add_attention=False,
+    )
+
+
+def build_unet(cfg: Config):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size // 2 ** (len(cfg.vae_channels) - 1), in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cfg.text_hidden,
+        # diffusers' historical naming: `attention_head_dim` is the number of heads per block here.
+        attention_head_dim=tuple(cfg.unet_heads), norm_num_groups=min(16, cfg.unet_channels[0]),
+    )
+
+
+def build_text_encoder(cfg: Config):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tc = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                        max_position_embeddings=cfg.max_length, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return CLIPTextModel(tc)
+
+
+def noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="epsilon", clip_sample=False)
+
+
+def sampling_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def step_rng(cfg: Config, phase: str, step: int) -> tuple[random.Random, torch.Generator]:
+    s = (cfg.seed * 1_000_003 + PHASES.index(phase) * 100_000_007 + step) % (2**63)
+    return random.Random(s), torch.Generator().manual_seed(s)
+
+
+def to_tensor(images) -> torch.Tensor:
+    a = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class LossLog:
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.exists():
+            path.write_text("phase,step,loss,seconds\n")
+
+    def add(self, phase: str, step: int, loss: float, seconds: float) -> None:
+        with self.path.open("a") as f:
+            f.write(f"{phase},{step},{loss:.6f},{seconds:.1f}\n")
+
+    def truncate(self, phase: str, step: int) -> None:
+        """Drop rows past `step` of `phase` (written after the checkpoint we resume from)."""
+        rows = self.path.read_text().splitlines()
+        keep = [rows[0]] + [r for r in rows[1:] if not (r.split(",")[0] == phase and int(r.split(",")[1]) > step)]
+        self.path.write_text("\n".join(keep) + "\n")
+
+    def plot(self, out: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r.split(",") for r in self.path.read_text().splitlines()[1:] if r]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        for ax, phase in zip(axes, ("vae", "unet")):
+            pts = [(int(r[1]), float(r[2])) for r in rows if r[0] == phase]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, lw=0.6, alpha=0.5)
+                k = max(1, len(y) // 30)
+                if len(y) > k:
+                    sm = np.convolve(y, np.ones(k) / k, mode="valid")
+                    ax.plot(x[k - 1:], sm, lw=1.5)
+                ax.set_yscale("log")
+            ax.set_title(f"{phase} loss")
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(out, dpi=80)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# phase 1: VAE
+
+
+def train_vae(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None) -> None:
+    path = out / "vae.pt"
+    vae = build_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    step = 0
+    if path.exists():
+        ck = torch.load(path, weights_only=False)
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        losses.truncate("vae", step)
+        log(f"vae: resumed at step {step}")
+    if step >= cfg.vae_steps:
+        return
+    vae.train()
+    last_ck, t0, run = time.time(), time.time(), []
+    while step < cfg.vae_steps:
+        rng, g = step_rng(cfg, "vae", step)
+        x = to_tensor([render(random_scene(rng)) for _ in range(cfg.vae_batch)])
+        lr = cfg.vae_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        run.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.vae_steps:
+            m = float(np.mean(run))
+            run = []
+            losses.add("vae", step, m, time.time() - t0)
+            log(f"vae step {step}/{cfg.vae_steps} loss {m:.5f} ({(time.time() - t0) / step:.2f} s/step this run)")
+        if time.time() - last_ck > ckpt_seconds or step == cfg.vae_steps or (stop_at and time.time() > stop_at):
+            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg)}, path)
+            last_ck = time.time()
+            if stop_at and time.time() > stop_at:
+                log("vae: time limit reached, stopping")
+                sys.exit(0)
+
+
+def load_vae(cfg: Config, out: Path):
+    vae = build_vae(cfg)
+    vae.load_state_dict(torch.load(out / "vae.pt", weights_only=False)["model"])
+    return vae.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# phase 2: latent pool
+
+SHAPE_IDX = {s: i for i, s in enumerate(SHAPES)}
+COLOUR_IDX = {c: i for i, c in enumerate(COLOUR_NAMES)}
+
+
+def encode_pool(cfg: Config, out: Path, stop_at: float | None) -> None:
+    d = out / "latents"
+    d.mkdir(parents=True, exist_ok=True)
+    vae = load_vae(cfg, out)
+    n_chunks = math.ceil(cfg.pool_size / cfg.pool_chunk)
+    t0 = time.time()
+    for c in range(n_chunks):
+        p = d / f"chunk{c:04d}.pt"
+        if p.exists():
+            continue
+        lo, hi = c * cfg.pool_chunk, min(cfg.pool_size, (c + 1) * cfg.pool_chunk)
+        scenes, lat = [], []
+        for i in range(lo, hi):
+            scenes.append(random_scene(random.Random(cfg.seed * 7_919 + 10_000_019 + i)))
+        with torch.no_grad():
+            for b in range(0, len(scenes), cfg.encode_batch):
+                x = to_tensor([render(s) for s in scenes[b:b + cfg.encode_batch]])
+                lat.append(vae.encode(x).latent_dist.mean)
+        objs = torch.full((len(scenes), 3, 2), -1, dtype=torch.int8)
+        for i, s in enumerate(scenes):
+            for j, o in enumerate(s):
+                objs[i, j, 0], objs[i, j, 1] = SHAPE_IDX[o.shape], COLOUR_IDX[o.colour]
+        atomic_save({"latents": torch.cat(lat).to(torch.float16), "objects": objs}, p)
+        log(f"latents: chunk {c + 1}/{n_chunks} ({(time.time() - t0):.0f} s)")
+        if stop_at and time.time() > stop_at:
+            log("latents: time limit reached, stopping")
+            sys.exit(0)
+
+
+def load_pool(cfg: Config, out: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
+    d = out / "latents"
+    chunks = [torch.load(p, weights_only=False) for p in sorted(d.glob("chunk*.pt"))]
+    lat = torch.cat([c["latents"] for c in chunks]).float()
+    objs = torch.cat([c["objects"] for c in chunks])
+    stats = d / "stats.json"
+    if stats.exists():
+        scale = json.loads(stats.read_text())["scaling_factor"]
+    else:
+        scale = float(1.0 / lat.std())
+        stats.write_text(json.dumps({"scaling_factor": scale, "n": len(lat)}))
+    return lat, objs, scale
+
+
+# ----------------------------------------------------------------------------------------------
+# phase 3: UNet + text encoder
+
+
+class Captioner:
+    def __init__(self, cfg: Config):
+        from attnreg.tokenizer import load_clip_tokenizer
+
+        self.tok = load_clip_tokenizer(model_max_length=cfg.max_length)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.cfg = cfg
+
+    def ids(self, captions: list[str]) -> torch.Tensor:
+        out = []
+        for c in captions:
+            if c not in self.cache:
+                self.cache[c] = torch.tensor(self.tok(c, padding="max_length", max_length=self.cfg.max_length,
+                                                      truncation=True).input_ids)
+            out.append(self.cache[c])
+        return torch.stack(out)
+
+    def caption(self, objs_row: torch.Tensor, rng: random.Random) -> str:
+        pairs = [(COLOUR_NAMES[int(c)], SHAPES[int(s)]) for s, c in objs_row.tolist() if s >= 0]
+        if len(pairs) == 1 and rng.random() < self.cfg.plain_prob:
+            pairs = [(None, pairs[0][1])]
+        return caption(pairs, rng)
+
+
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    with torch.no_grad():
+        torch._foreach_mul_(ema, decay)
+        torch._foreach_add_(ema, params, alpha=1 - decay)
+
+
+def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None, export: Path | None) -> None:
+    lat, objs, scale = load_pool(cfg, out)
+    log(f"unet: pool of {len(lat)} latents, scaling factor {scale:.4f}")
+    unet, te = build_unet(cfg), build_text_encoder(cfg)
+    params = list(unet.parameters()) + list(te.parameters())
+    log(f"unet params {sum(p.numel() for p in unet.parameters()):,}, text encoder {sum(p.numel() for p in te.parameters()):,}")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = [p.detach().clone() for p in params]
+    step = 0
+    path = out / "unet.pt"
+    if path.exists():
+        ck = torch.load(path, weights_only=False)
+        unet.load_state_dict(ck["unet"])
+        te.load_state_dict(ck["text_encoder"])
+        opt.load_state_dict(ck["opt"])
+        for e, s in zip(ema, ck["ema"]):
+            e.copy_(s)
+        step = ck["step"]
+        losses.truncate("unet", step)
+        log(f"unet: resumed at step {step}")
+    sched = noise_scheduler()
+    acp = sched.alphas_cumprod
+    snr = acp / (1 - acp)
+    capt = Captioner(cfg)
+    unet.train()
+    te.train()
+
+    def checkpoint():
+        atomic_save({"unet": unet.state_dict(), "text_encoder": te.state_dict(), "opt": opt.state_dict(),
+                     "ema": ema, "step": step, "config": asdict(cfg)}, path)
+        if export is not None:
+            export_pipeline(cfg, out, export, ema_weights=ema, losses=losses, step=step)
+        log(f"unet: checkpoint at step {step}" + (f", exported to {export}" if export else ""))
+
+    last_ck, t0, run, start = time.time(), time.time(), [], step
+    while step < cfg.unet_steps:
+        rng, g = step_rng(cfg, "unet", step)
+        idx = torch.randint(0, len(lat), (cfg.batch,), generator=g)
+        caps = [capt.caption(objs[i], rng) for i in idx.tolist()]
+        caps = ["" if rng.random() < cfg.cond_dropout else c for c in caps]
+        ids = capt.ids(caps)
+        x0 = lat[idx] * scale
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=g)
+        xt = sched.add_noise(x0, noise, t)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        lr *= 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.unet_steps)))
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        hid = te(ids)[0]
+        pred = unet(xt, t, hid).sample
+        w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR weighting for epsilon prediction
+        loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        ema_update(ema, [p.detach() for p in params], min(cfg.ema_decay, (1 + step) / (10 + step)))
+        run.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.unet_steps:
+            m = float(np.mean(run))
+            run = []
+            losses.add("unet", step, m, time.time() - t0)
+            log(f"unet step {step}/{cfg.unet_steps} loss {m:.5f} lr {lr:.2e} ({(time.time() - t0) / (step - start):.2f} s/step this run)")
+        stop = bool(stop_at and time.time() > stop_at) or (out / "STOP").exists()
+        if time.time() - last_ck > ckpt_seconds or step == cfg.unet_steps or stop:
+            checkpoint()
+            last_ck = time.time()
+            if stop:
+                log("unet: stop requested, checkpoint written, exiting")
+                return
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+def paper_layers_for(cfg: Config) -> dict:
+    """Which blocks work at which cross-attention resolution (latent = image / 4)."""
+    latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+    n = len(cfg.unet_channels)
+    res = {}
+    for i in range(n):
+        r = latent // 2**i
+        res.setdefault(r, []).append(f"down_blocks.{i}")
+    res.setdefault(latent // 2 ** (n - 1), []).append("mid_block")
+    for i in range(n):
+        r = latent // 2 ** (n - 1 - i)
+        res[r].append(f"up_blocks.{i}")
+    return {str(k): v for k, v in sorted(res.items(), reverse=True)}
+
+
+def export_pipeline(cfg: Config, out: Path, dest: Path, ema_weights=None, losses: LossLog | None = None, step: int = 0) -> Path:
+    """Write a StableDiffusionPipeline (EMA weights) to `dest` with save_pretrained."""
+    from diffusers import StableDiffusionPipeline
+    from attnreg.tokenizer import load_clip_tokenizer, save_clip_tokenizer_files
+
+    vae = load_vae(cfg, out)
+    _, _, scale = load_pool_stats(out)
+    vae.register_to_config(scaling_factor=scale)
+    unet, te = build_unet(cfg), build_text_encoder(cfg)
+    if ema_weights is not None:
+        with torch.no_grad():
+            for p, e in zip(list(unet.parameters()) + list(te.parameters()), ema_weights):
+                p.copy_(e)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=load_clip_tokenizer(model_max_length=cfg.max_length),
+                                   unet=unet, scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    # The slow tokenizer's two files (1.4 MB) instead of the 3.5 MB tokenizer.json.
+    tokdir = tmp / "tokenizer"
+    for f in tokdir.iterdir():
+        if f.name not in ("tokenizer_config.json", "special_tokens_map.json"):
+            f.unlink()
+    save_clip_tokenizer_files(tokdir)
+    tc = json.loads((tokdir / "tokenizer_config.json").read_text())
+    tc.update({"model_max_length": cfg.max_length, "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"})
+    (tokdir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    layers = paper_layers_for(cfg)
+    latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+    meta = {
+        "paper_layers": [b for b in layers[str(latent)] if b != "mid_block"],
+        "image_size": cfg.image_size,
+        "latent_size": latent,
+        "cross_attention_layers_by_resolution": layers,
+        "num_inference_steps": 50,
+        "guidance_scale": 7.5,
+        "scheduler": "DPMSolverMultistepScheduler",
+        "shapes": list(SHAPES),
+        "colours": list(COLOUR_NAMES),
+        "train_step": step,
+        "note": "Toy SD trained on coloured-shape scenes by attnreg.toy.train; see attnreg/toy/README.md.",
+    }
+    (tmp / "attnreg.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if losses is not None:
+        shutil.copy(losses.path, tmp / "loss.csv")
+        try:
+            losses.plot(tmp / "loss.png")
+        except Exception as e:  # plotting must never kill a training run
+            log(f"plot failed: {e}")
+    if dest.exists():
+        old = dest.with_name(dest.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)
+    return dest
+
+
+def load_pool_stats(out: Path):
+    s = json.loads((out / "latents" / "stats.json").read_text())
+    return None, None, s["scaling_factor"]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="attnreg toy train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/toy", help="checkpoints, latent cache and logs")
+    ap.add_argument("--config", default="default", help="'default', 'tiny' (tests) or a JSON file")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    ap.add_argument("--export", default=None, help="folder to export the EMA pipeline to at each checkpoint")
+    ap.add_argument("--phases", default="vae,latents,unet")
+    ap.add_argument("--ckpt-minutes", type=float, default=10.0)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    ap.add_argument("--export-only", action="store_true", help="export from the latest checkpoint and exit")
+    a = ap.parse_args(argv)
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.json"
+    if a.config == "tiny":
+        cfg = Config.tiny()
+    elif a.config == "default":
+        cfg = Config(**_tuplify(json.loads(saved.read_text()))) if saved.exists() else Config()
+    else:
+        cfg = Config(**_tuplify(json.loads(Path(a.config).read_text())))
+    for kv in a.set:
+        k, v = kv.split("=", 1)
+        cur = getattr(cfg, k)
+        setattr(cfg, k, tuple(int(x) for x in v.split(",")) if isinstance(cur, tuple) else type(cur)(v))
+    saved.write_text(json.dumps(asdict(cfg), indent=2))
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    losses = LossLog(out / "loss.csv")
+    stop_at = time.time() + 60 * a.max_minutes if a.max_minutes else None
+    export = Path(a.export) if a.export else None
+    ckpt_s = 60 * a.ckpt_minutes
+    log(f"config: {json.dumps(asdict(cfg))}")
+    if a.export_only:
+        ck = torch.load(out / "unet.pt", weights_only=False)
+        export_pipeline(cfg, out, export or Path("attnreg/toy/model"), ema_weights=ck["ema"], losses=losses, step=ck["step"])
+        return 0
+    phases = a.phases.split(",")
+    if "vae" in phases:
+        train_vae(cfg, out, losses, ckpt_s, stop_at)
+    if "latents" in phases:
+        encode_pool(cfg, out, stop_at)
+    if "unet" in phases:
+        train_unet(cfg, out, losses, ckpt_s, stop_at, export)
+    log("done")
+    return 0
+
+
+def _tuplify(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
