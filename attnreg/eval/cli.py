@@ -1,0 +1,95 @@
+"""Sub-commands `attnreg bench`, `attnreg score`, `attnreg report` (registered by attnreg/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_metric_model_args(p: argparse.ArgumentParser) -> None:
+    from .metrics import DEFAULT_BLIP, DEFAULT_CLIP, DEFAULT_OWL
+
+    p.add_argument("--clip-model", default=None, help=f"CLIP id or local folder for clip and blip (default {DEFAULT_CLIP})")
+    p.add_argument("--blip-model", default=None, help=f"BLIP captioner id or local folder (default {DEFAULT_BLIP})")
+    p.add_argument("--owl-model", default=None, help=f"OWLv2/OWL-ViT id or local folder (default {DEFAULT_OWL})")
+    p.add_argument("--owl-threshold", type=float, default=None, help="OWL detection score threshold (default 0.1)")
+
+
+def _metric_options(args) -> dict:
+    return {"clip_model": args.clip_model, "blip_model": args.blip_model, "owl_model": args.owl_model,
+            "owl_threshold": args.owl_threshold}
+
+
+def cmd_bench(args) -> int:
+    from .runner import parse_sets, run_benchmark
+
+    run_benchmark(
+        dataset=args.dataset, methods=args.methods, seeds=args.seeds, model=args.model, out=args.out,
+        steps=args.steps, guidance=args.guidance, size=args.size, limit=args.limit,
+        subsets=[s.strip() for s in args.subsets.split(",")] if args.subsets else None,
+        device=args.device, dtype=args.dtype, method_options=parse_sets(args.set), metrics=args.metrics,
+        metric_options=_metric_options(args), force=args.force, progress=not args.no_progress,
+        report=not args.no_report,
+    )
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .metrics import score_dir
+
+    score_dir(args.dir, args.metrics, device=args.device, progress=not args.no_progress, **_metric_options(args))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.dir))
+    return 0
+
+
+def register(sub) -> None:
+    from .datasets import DATASETS
+    from .methods import METHODS
+    from .metrics import METRICS
+
+    b = sub.add_parser(
+        "bench", help="generate a data set with several methods (resumable, multi-process), then score and report",
+        description="Every (prompt, seed, method) writes DIR/images/<key>.png and DIR/records/<key>.json; a rerun "
+        "skips finished items. Under `accelerate launch` or `torchrun` the items are shared among the processes.",
+    )
+    b.add_argument("--dataset", required=True, help=f"{', '.join(DATASETS)}")
+    b.add_argument("--subsets", default=None, help="comma-separated subsets (default: all)")
+    b.add_argument("--methods", default="sd,attnreg", help=f"comma-separated, from: {', '.join(METHODS)} (default: sd,attnreg)")
+    b.add_argument("--seeds", default="0-63", help="e.g. 0-63, 0,1,2 (default 0-63)")
+    b.add_argument("--model", default=None, help="local pipeline folder or hub id (default: the embedded shapes model)")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--metrics", default="auto",
+                   help=f"comma-separated, from: {', '.join(METRICS)}; none; auto (default: detect for shapes, clip otherwise)")
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--guidance", type=float, default=7.5)
+    b.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    b.add_argument("--limit", type=int, default=None, help="at most N prompts per subset")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, ... (each process takes its own GPU when distributed)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    b.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                   help="a method option (JSON value), e.g. attend-and-excite.max_iter_to_alter=10, attnreg.edit_steps=20; repeatable")
+    b.add_argument("--force", action="store_true", help="write beside records of another configuration (never overwrites)")
+    b.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_metric_model_args(b)
+    b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("score", help="compute metrics for a benchmark folder (resumable)")
+    s.add_argument("dir")
+    s.add_argument("--metrics", required=True, help=f"comma-separated, from: {', '.join(METRICS)}")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--debug", action="store_true")
+    _add_metric_model_args(s)
+    s.set_defaults(func=cmd_score)
+
+    r = sub.add_parser("report", help="write report.md and figures for a benchmark folder")
+    r.add_argument("dir")
+    r.add_argument("--debug", action="store_true")
+    r.set_defaults(func=cmd_report)

@@ -1,0 +1,168 @@
+"""Prompt sets for `attnreg bench`: each a list of items (prompt, targets, subset).
+
+    shapes        the embedded coloured-shapes world (attnreg.toy): subsets 1obj, 2obj, 3obj
+    ae            the 276 Attend-and-Excite prompts: animal-animal 66, animal-object 144, object-object 66
+    file:PATH     a .txt file (one prompt per line) or .jsonl ({"prompt": ..., "targets": [...], "subset": ...})
+
+The word lists of the A&E set live here and only here (ANIMALS, OBJECTS, COLOURS).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DatasetError(ValueError):
+    """An unknown data set or subset, or a malformed prompt file."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt: str
+    targets: tuple[str, ...]
+    subset: str
+    dataset: str
+    targets_source: str = field(default="given", compare=False)
+
+
+# -- the Attend-and-Excite prompt set (Chefer et al., SIGGRAPH 2023) -------------------------------
+ANIMALS = ("cat", "dog", "bird", "bear", "lion", "horse", "elephant", "monkey", "frog", "turtle", "rabbit", "mouse")
+OBJECTS = ("backpack", "glasses", "crown", "suitcase", "chair", "balloon", "bow", "car", "bowl", "bench", "clock", "apple")
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "gray", "black", "white")
+WORN_OBJECTS = ("glasses", "crown", "bow")  # "a {animal} with a {object}", no colour
+AE_SUBSETS = ("animal-animal", "animal-object", "object-object")
+
+
+def colour_for(i: int, j: int, second: bool = False) -> str:
+    """The deterministic colour rule of the A&E set (the paper drew colours at random; its list was not
+    published with a seed). For the pair of word-list positions (i, j):
+    first colour  = COLOURS[(12 * i + j) % 11],
+    second colour = COLOURS[(12 * i + j + 5) % 11] (always different from the first one)."""
+    return COLOURS[(12 * i + j + (5 if second else 0)) % len(COLOURS)]
+
+
+def ae_prompts() -> list[Prompt]:
+    """The 276 prompts, in word-list order: 66 animal-animal, 144 animal-object, 66 object-object."""
+    items = []
+    for a, b in itertools.combinations(ANIMALS, 2):
+        items.append(Prompt(f"a {a} and a {b}", (a, b), "animal-animal", "ae"))
+    for i, a in enumerate(ANIMALS):
+        for j, o in enumerate(OBJECTS):
+            if o in WORN_OBJECTS:
+                text = f"a {a} with a {o}"
+            else:
+                text = f"a {a} and a {colour_for(i, j)} {o}"
+            items.append(Prompt(text, (a, o), "animal-object", "ae"))
+    for (i, a), (j, b) in itertools.combinations(enumerate(OBJECTS), 2):
+        text = f"a {colour_for(i, j)} {a} and a {colour_for(i, j, second=True)} {b}"
+        items.append(Prompt(text, (a, b), "object-object", "ae"))
+    return items
+
+
+# -- the shapes world --------------------------------------------------------------------------------
+SHAPES_SUBSETS = {"1obj": 1, "2obj": 2, "3obj": 3}
+SHAPES_DEFAULT_N = 100  # prompts per subset when no --limit is given
+
+
+def shapes_prompts(subsets=None, limit: int | None = None) -> list[Prompt]:
+    try:
+        from attnreg import toy
+        make, targets_of = toy.shapes_prompts, toy.prompt_targets
+    except (ImportError, AttributeError) as err:
+        raise DatasetError(
+            f"the shapes data set needs attnreg.toy.shapes_prompts and attnreg.toy.prompt_targets, which are not "
+            f"available in this installation ({err})"
+        ) from None
+    n = SHAPES_DEFAULT_N if limit is None else limit
+    items = []
+    for name in subsets or SHAPES_SUBSETS:
+        for prompt in make(SHAPES_SUBSETS[name], n, seed=0):
+            items.append(Prompt(prompt, tuple(targets_of(prompt)), name, "shapes"))
+    return items
+
+
+# -- prompt files -------------------------------------------------------------------------------------
+def file_prompts(path: str | Path, name: str) -> list[Prompt]:
+    """.txt: one prompt per line (blank lines and lines starting with # are skipped), targets found by
+    attnreg's noun rule; .jsonl: one object per line with "prompt" and optional "targets" (list of words
+    or a comma-separated string) and "subset" (default "all")."""
+    from attnreg.tokens import auto_targets
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"prompt file {str(path)!r} does not exist")
+    items = []
+    jsonl = path.suffix.lower() in (".jsonl", ".json")
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.strip()
+        if not text or (not jsonl and text.startswith("#")):
+            continue
+        where = f"{path}, line {lineno}"
+        if not jsonl:
+            targets, source = auto_targets(text)
+            items.append(Prompt(text, tuple(targets), "all", name, source))
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{where}: not valid JSON ({err.msg}): {text[:80]!r}") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{where}: expected a JSON object with a \"prompt\" key, got {type(row).__name__}")
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DatasetError(f"{where}: \"prompt\" is missing or not a non-empty string")
+        targets = row.get("targets")
+        source = "given"
+        if isinstance(targets, str):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        if targets is None:
+            targets, source = auto_targets(prompt)
+        elif not isinstance(targets, list) or not all(isinstance(t, (str, int)) for t in targets):
+            raise DatasetError(f"{where}: \"targets\" must be a list of words (or token indices)")
+        subset = row.get("subset", "all")
+        if not isinstance(subset, str) or not subset:
+            raise DatasetError(f"{where}: \"subset\" must be a non-empty string")
+        items.append(Prompt(prompt.strip(), tuple(targets), subset, name, source))
+    if not items:
+        raise DatasetError(f"prompt file {str(path)!r} holds no prompts")
+    return items
+
+
+DATASETS = {"shapes": tuple(SHAPES_SUBSETS), "ae": AE_SUBSETS, "file:PATH": ("all", "or the subsets named in the file")}
+
+
+def load_dataset(spec: str, subsets: list[str] | None = None, limit: int | None = None) -> list[Prompt]:
+    """The prompts of data set `spec`, optionally only some subsets and the first `limit` of each subset."""
+    if limit is not None and limit < 1:
+        raise DatasetError(f"--limit must be >= 1, got {limit}")
+    if spec == "ae":
+        items = ae_prompts()
+    elif spec == "shapes":
+        if subsets:
+            _check_subsets(spec, subsets, SHAPES_SUBSETS)
+        items = shapes_prompts(subsets, limit)
+    elif spec.startswith("file:"):
+        items = file_prompts(spec[len("file:"):], spec)
+    else:
+        raise DatasetError(f"unknown data set {spec!r}; valid: shapes, ae, file:PATH (.txt or .jsonl)")
+    if subsets:
+        _check_subsets(spec, subsets, {p.subset for p in items})
+        items = [p for p in items if p.subset in subsets]
+    if limit is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for p in items:
+            seen[p.subset] = seen.get(p.subset, 0) + 1
+            if seen[p.subset] <= limit:
+                kept.append(p)
+        items = kept
+    return items
+
+
+def _check_subsets(spec, subsets, valid) -> None:
+    bad = [s for s in subsets if s not in valid]
+    if bad:
+        raise DatasetError(f"unknown subset(s) {', '.join(bad)} of data set {spec!r}; valid: {', '.join(sorted(valid))}")

@@ -1,0 +1,90 @@
+"""Files of a benchmark folder: atomic writes, deterministic names, reading records back.
+
+    DIR/images/<key>.png      the image of one (prompt, seed, method)
+    DIR/records/<key>.json    its record, written after the image: a record without its image, or an
+                              image without its record, never counts as done
+    DIR/scores/<metric>-<h>.json  per-item metric values (h: hash of the metric's settings)
+    DIR/report.md, DIR/report_*.png
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+
+def stable_hash(*parts) -> str:
+    """sha256 hex of the parts (json-encoded): the same on every machine and Python run."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def noise_seed(prompt: str, seed: int) -> int:
+    """The torch.Generator seed of image (prompt, seed): the same for every method and every sharding."""
+    return int(stable_hash("noise", prompt, int(seed))[:15], 16)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "x"
+
+
+def item_key(subset: str, method: str, prompt: str, seed: int, config_hash: str) -> str:
+    return f"{slug(subset)}/{method}/{slug(prompt)}-{stable_hash('prompt', prompt)[:8]}_s{seed}_{config_hash[:6]}"
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def atomic_save_image(path: Path, image) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        image.save(f, format="PNG")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def image_path(out: Path, key: str) -> Path:
+    return Path(out) / "images" / f"{key}.png"
+
+
+def record_path(out: Path, key: str) -> Path:
+    return Path(out) / "records" / f"{key}.json"
+
+
+def is_done(out: Path, key: str) -> bool:
+    return record_path(out, key).is_file() and image_path(out, key).is_file()
+
+
+def iter_records(out: Path):
+    """Every complete record of the folder (record and image present), sorted by key."""
+    root = Path(out) / "records"
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue  # never produced by our atomic writes; ignore rather than fail
+        if image_path(out, record.get("key", "")).is_file():
+            yield record

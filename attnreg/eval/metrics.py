@@ -1,0 +1,358 @@
+"""Metrics of a benchmark folder, each a small registered object; computed after generation.
+
+`score_dir(DIR, "clip,owl")` scores every complete record of DIR and stores the values per item in
+DIR/scores/<metric>-<hash of its settings>.json (rewritten atomically every few items, so a killed run
+resumes where it stopped). Values are floats (reported as means with a t interval) or booleans (rates,
+Wilson interval).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from .io import atomic_write_json, iter_records, stable_hash
+
+
+class MetricError(ValueError):
+    """An unknown metric or a metric that does not apply."""
+
+
+class MetricModelError(OSError):
+    """A metric's model that cannot be loaded."""
+
+
+# The 80 ImageNet prompt templates of CLIP (Radford et al. 2021), as A&E's CLIP metrics use them.
+IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.",
+    "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.",
+    "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
+    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.", "art of the {}.",
+    "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.",
+    "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.",
+    "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
+)
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
+DEFAULT_OWL = "google/owlv2-base-patch16-ensemble"
+
+METRICS: dict[str, type["Metric"]] = {}
+
+
+def register_metric(cls):
+    METRICS[cls.name] = cls
+    return cls
+
+
+def parse_metrics(metrics) -> list[str]:
+    if metrics is None:
+        return []
+    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
+    return [m for m in names if m and m != "none"]
+
+
+def check_metrics(names: list[str]) -> None:
+    bad = [n for n in names if n not in METRICS]
+    if bad:
+        raise MetricError(f"unknown metric(s) {', '.join(bad)}; valid: {', '.join(METRICS)}, or none")
+
+
+def split_prompt(prompt: str) -> list[str]:
+    """A&E's halves: split on " and ", else on " with "; the whole prompt when neither occurs."""
+    for sep in (" and ", " with "):
+        if sep in prompt:
+            return [p.strip() for p in prompt.split(sep) if p.strip()]
+    return [prompt]
+
+
+def _load(kind: str, name: str, option: str, loader):
+    try:
+        return loader(name)
+    except Exception as err:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, EnvironmentError...
+        raise MetricModelError(
+            f"could not load the {kind} model {name!r}: {type(err).__name__}: {str(err)[:300]}. Without access to "
+            f"the Hugging Face hub, download it elsewhere (e.g. `huggingface-cli download {name}` or "
+            f"save_pretrained) and pass its local folder with {option} PATH."
+        ) from err
+
+
+class Metric:
+    """A metric: `settings()` (stored with the scores), `applies(record)`, and `score(records, images)`
+    returning one dict of values per record. Models load lazily on first use."""
+
+    name = "base"
+    description = ""
+    from_records = False  # True: read from the records, nothing stored in scores/
+    batch_size = 8
+
+    def __init__(self, device: str = "cpu", **options):
+        self.device = device
+        self.options = options
+
+    def settings(self) -> dict:
+        return {}
+
+    def applies(self, record: dict) -> bool:
+        return True
+
+    def score(self, records: list[dict], images: list[Image.Image]) -> list[dict]:
+        raise NotImplementedError
+
+
+@register_metric
+class Detect(Metric):
+    name = "detect"
+    description = "the exact shapes detector of the embedded world (attnreg.toy.score): shapes data set only"
+    batch_size = 64
+
+    def applies(self, record):
+        return record.get("dataset") == "shapes"
+
+    def score(self, records, images):
+        try:
+            from attnreg.toy import score
+        except ImportError as err:
+            raise MetricError(f"metric detect needs attnreg.toy.score, which is not available ({err})") from None
+        out = []
+        for record, image in zip(records, images):
+            result = dict(score(record["prompt"], image))
+            out.append({k: (v if isinstance(v, (bool, int, float)) else json.loads(json.dumps(v, default=str)))
+                        for k, v in result.items()})
+        return out
+
+
+class _ClipText:
+    """CLIP text embeddings: the mean of the 80 templates' normalised embeddings, renormalised (cached)."""
+
+    def __init__(self, name: str, device: str):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.name = name
+        self.model = _load("CLIP", name, "--clip-model", lambda n: CLIPModel.from_pretrained(n)).to(device).eval()
+        self.processor = _load("CLIP processor", name, "--clip-model", lambda n: CLIPProcessor.from_pretrained(n))
+        self.device = device
+        self.cache: dict[str, object] = {}
+
+    @staticmethod
+    def _features(out):
+        import torch
+
+        return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns a model output
+
+    def text(self, texts: list[str]):
+        import torch
+
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        for text in missing:
+            batch = [template.format(text) for template in IMAGENET_TEMPLATES]
+            tok = self.processor.tokenizer(batch, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            with torch.no_grad():
+                emb = self._features(self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            mean = emb.mean(dim=0)
+            self.cache[text] = (mean / mean.norm()).float().cpu()
+        return torch.stack([self.cache[t] for t in texts])
+
+    def images(self, images):
+        import torch
+
+        pixels = self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        with torch.no_grad():
+            emb = self._features(self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device)))
+        return (emb / emb.norm(dim=-1, keepdim=True)).float().cpu()
+
+
+@register_metric
+class Clip(Metric):
+    name = "clip"
+    description = "CLIP full-prompt and minimum-object similarity (A&E convention, 80 templates)"
+
+    def settings(self):
+        return {"clip_model": str(self.options.get("clip_model") or DEFAULT_CLIP)}
+
+    def score(self, records, images):
+        if not hasattr(self, "clip"):
+            self.clip = _ClipText(self.settings()["clip_model"], self.device)
+        img = self.clip.images(images)
+        out = []
+        for i, record in enumerate(records):
+            halves = split_prompt(record["prompt"])
+            text = self.clip.text([record["prompt"], *halves])
+            sims = (text @ img[i]).tolist()
+            out.append({"full": sims[0], "min_object": min(sims[1:])})
+        return out
+
+
+@register_metric
+class Blip(Metric):
+    name = "blip"
+    description = "text-text similarity: BLIP caption vs prompt, CLIP text tower (80 templates), cosine"
+
+    def settings(self):
+        return {"blip_model": str(self.options.get("blip_model") or DEFAULT_BLIP),
+                "clip_model": str(self.options.get("clip_model") or DEFAULT_CLIP), "max_new_tokens": 30}
+
+    def score(self, records, images):
+        import torch
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        s = self.settings()
+        if not hasattr(self, "blip"):
+            self.blip = _load("BLIP", s["blip_model"], "--blip-model",
+                              lambda n: BlipForConditionalGeneration.from_pretrained(n)).to(self.device).eval()
+            self.processor = _load("BLIP processor", s["blip_model"], "--blip-model", lambda n: BlipProcessor.from_pretrained(n))
+            self.clip = _ClipText(s["clip_model"], self.device)
+        inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            ids = self.blip.generate(pixel_values=inputs["pixel_values"], max_new_tokens=s["max_new_tokens"])
+        captions = [c.strip() for c in self.processor.batch_decode(ids, skip_special_tokens=True)]
+        out = []
+        for record, caption in zip(records, captions):
+            a, b = self.clip.text([caption or " ", record["prompt"]])
+            out.append({"text_text": float(a @ b), "caption": caption})
+        return out
+
+
+@register_metric
+class Owl(Metric):
+    name = "owl"
+    description = "detection rate: OWLv2 / OWL-ViT finds every target noun above a threshold"
+
+    def settings(self):
+        return {"owl_model": str(self.options.get("owl_model") or DEFAULT_OWL),
+                "owl_threshold": float(0.1 if self.options.get("owl_threshold") is None else self.options["owl_threshold"]), "query": "a photo of a {}"}
+
+    def score(self, records, images):
+        import torch
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        s = self.settings()
+        if not hasattr(self, "model"):
+            self.model = _load("OWL", s["owl_model"], "--owl-model",
+                               lambda n: AutoModelForZeroShotObjectDetection.from_pretrained(n)).to(self.device).eval()
+            self.processor = _load("OWL processor", s["owl_model"], "--owl-model", lambda n: AutoProcessor.from_pretrained(n))
+        out = []
+        for record, image in zip(records, images):
+            nouns = [str(t).split("#")[0] for t in record["targets"]]
+            queries = [s["query"].format(n) for n in nouns]
+            inputs = self.processor(text=[queries], images=[image.convert("RGB")], return_tensors="pt").to(self.device)
+            with torch.no_grad():
+                logits = self.model(**inputs).logits[0]  # (boxes, queries)
+            best = torch.sigmoid(logits.float()).max(dim=0).values.tolist()
+            found = [b >= s["owl_threshold"] for b in best]
+            out.append({"all_found": all(found), "found_share": sum(found) / len(found),
+                        "max_scores": dict(zip(nouns, best))})
+        return out
+
+
+@register_metric
+class Time(Metric):
+    name = "time"
+    description = "seconds per image and its ratio to sd (from the records; always in the report)"
+    from_records = True
+
+
+@register_metric
+class Memory(Metric):
+    name = "memory"
+    description = "peak memory (from the records; always in the report)"
+    from_records = True
+
+
+@register_metric
+class Lpips(Metric):
+    name = "lpips"
+    description = "not available: the lpips package imports torchvision, which this stack cannot install"
+    from_records = True
+
+    def __init__(self, *a, **k):
+        raise MetricError(
+            "metric lpips is not implemented: the `lpips` package imports torchvision, which does not install "
+            "beside this torch build; see attnreg/eval/README.md"
+        )
+
+
+def scores_path(out: Path, metric: Metric) -> Path:
+    return Path(out) / "scores" / f"{metric.name}-{stable_hash(metric.name, metric.settings())[:6]}.json"
+
+
+def load_scores(out: Path) -> dict[str, dict]:
+    """{metric name: {"settings", "items": {key: values}}}; the newest file when a metric has several."""
+    root = Path(out) / "scores"
+    found: dict[str, tuple[float, dict]] = {}
+    if root.is_dir():
+        for path in root.glob("*.json"):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            name, mtime = data.get("metric"), path.stat().st_mtime
+            if name and (name not in found or mtime > found[name][0]):
+                found[name] = (mtime, data)
+    return {name: data for name, (_, data) in found.items()}
+
+
+def score_dir(out, metrics, device: str = "cpu", progress: bool = True, flush_every: float = 20.0, **options) -> dict:
+    """Score every complete record of `out` with `metrics`; items already scored are skipped.
+    Returns {metric: {"scored": n, "skipped": n, "not_applicable": n, "file": path}}."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    names = parse_metrics(metrics)
+    check_metrics(names)
+    records = list(iter_records(out))
+    if not records:
+        raise MetricError(f"{out} holds no finished benchmark records (run `attnreg bench` first)")
+    summary = {}
+    for name in names:
+        metric = METRICS[name](device=device, **{k: v for k, v in options.items() if v is not None})
+        if metric.from_records:
+            summary[name] = {"scored": 0, "note": "read from the records by the report"}
+            continue
+        path = scores_path(out, metric)
+        data = {"metric": name, "settings": metric.settings(), "items": {}}
+        if path.is_file():
+            data = json.loads(path.read_text())
+        todo = [r for r in records if metric.applies(r) and r["key"] not in data["items"]]
+        n_na = sum(not metric.applies(r) for r in records)
+        if n_na == len(records):
+            raise MetricError(f"metric {name} applies to none of the {len(records)} records of {out} ({metric.description})")
+        bar = tqdm(total=len(todo), desc=f"score {name}", unit="img", disable=not progress, file=sys.stderr)
+        last = time.monotonic()
+        for start in range(0, len(todo), metric.batch_size):
+            batch = todo[start : start + metric.batch_size]
+            images = []
+            for r in batch:
+                with Image.open(out / r["image"]) as im:
+                    images.append(im.convert("RGB"))
+            for r, values in zip(batch, metric.score(batch, images)):
+                data["items"][r["key"]] = values
+            bar.update(len(batch))
+            if time.monotonic() - last > flush_every:
+                atomic_write_json(path, data)
+                last = time.monotonic()
+        bar.close()
+        atomic_write_json(path, data)
+        summary[name] = {"scored": len(todo), "skipped": len(records) - len(todo) - n_na, "not_applicable": n_na,
+                         "file": str(path)}
+        print(f"attnreg score: {name}: {len(todo)} scored, {summary[name]['skipped']} already scored, "
+              f"{n_na} not applicable -> {path}", file=sys.stderr)
+    return summary
