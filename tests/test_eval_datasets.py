@@ -1,0 +1,86 @@
+"""Data sets of `attnreg bench`: the A&E set, prompt files, errors."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from attnreg.eval.datasets import ANIMALS, COLOURS, OBJECTS, DatasetError, ae_prompts, load_dataset
+from attnreg.eval.io import noise_seed
+from attnreg.eval.metrics import IMAGENET_TEMPLATES, split_prompt
+from attnreg.eval.runner import parse_seeds, parse_sets
+
+
+def test_ae_set_has_276_prompts():
+    items = ae_prompts()
+    assert len(items) == 276
+    assert Counter(p.subset for p in items) == {"animal-animal": 66, "animal-object": 144, "object-object": 66}
+    assert len({p.prompt for p in items}) == 276
+    assert (len(ANIMALS), len(OBJECTS), len(COLOURS)) == (12, 12, 11)
+    assert items[0].prompt == "a cat and a dog" and items[0].targets == ("cat", "dog")
+    worn = [p.prompt for p in items if " with " in p.prompt]
+    assert len(worn) == 36 and "a cat with a crown" in worn
+    for p in items:
+        for t in p.targets:
+            assert f" {t}" in p.prompt
+        if p.subset == "object-object":
+            c1, c2 = p.prompt.split()[1], p.prompt.split()[5]
+            assert c1 in COLOURS and c2 in COLOURS and c1 != c2
+    assert ae_prompts() == items  # deterministic
+
+
+def test_limit_and_subsets():
+    items = load_dataset("ae", subsets=["animal-animal", "object-object"], limit=2)
+    assert [p.subset for p in items] == ["animal-animal"] * 2 + ["object-object"] * 2
+    with pytest.raises(DatasetError, match="animal-animal"):
+        load_dataset("ae", subsets=["animals"])
+
+
+def test_unknown_dataset():
+    with pytest.raises(DatasetError, match="shapes, ae, file:PATH"):
+        load_dataset("coco")
+
+
+def test_prompt_files(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("# comment\na cat and a dog\n\na red apple with a crown\n")
+    items = load_dataset(f"file:{txt}")
+    assert [p.prompt for p in items] == ["a cat and a dog", "a red apple with a crown"]
+    assert items[0].targets == ("cat", "dog") and items[0].dataset == f"file:{txt}"
+    jl = tmp_path / "p.jsonl"
+    jl.write_text(json.dumps({"prompt": "a cat and a dog", "targets": ["cat"], "subset": "x"}) + "\n"
+                  + json.dumps({"prompt": "a frog on a bench"}) + "\n")
+    items = load_dataset(f"file:{jl}")
+    assert items[0].targets == ("cat",) and items[0].subset == "x"
+    assert items[1].targets == ("frog", "bench") and items[1].subset == "all"
+
+
+@pytest.mark.parametrize("line", ['{"prompt": "a cat"', '["a cat"]', '{"targets": ["cat"]}', '{"prompt": "a cat", "targets": 3}'])
+def test_malformed_line_names_the_line(tmp_path, line):
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text('{"prompt": "a dog"}\n\n' + line + "\n")
+    with pytest.raises(DatasetError, match="line 3"):
+        load_dataset(f"file:{jl}")
+
+
+def test_seeds_sets_and_noise():
+    assert parse_seeds("0-3,10") == [0, 1, 2, 3, 10]
+    assert parse_seeds("5") == [5]
+    with pytest.raises(ValueError, match="seeds"):
+        parse_seeds("3-1")
+    assert parse_sets(["attend-and-excite.thresholds={}", "attnreg.edit_steps=2", "attnreg.layers=[\"up_blocks.0\"]"]) == {
+        "attend-and-excite": {"thresholds": {}}, "attnreg": {"edit_steps": 2, "layers": ("up_blocks.0",)}}
+    with pytest.raises(ValueError, match="METHOD.OPTION"):
+        parse_sets(["edit_steps=2"])
+    # a stable hash, not Python's hash(): fixed across runs and machines
+    assert noise_seed("a cat and a dog", 0) == noise_seed("a cat and a dog", 0) != noise_seed("a cat and a dog", 1)
+    assert noise_seed("a cat and a dog", 0) == 0x0 + int(__import__("hashlib").sha256(
+        b'["noise", "a cat and a dog", 0]').hexdigest()[:15], 16)
+
+
+def test_clip_conventions():
+    assert len(IMAGENET_TEMPLATES) == 80 and len(set(IMAGENET_TEMPLATES)) == 80
+    assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
+    assert split_prompt("a cat and a red apple") == ["a cat", "a red apple"]
+    assert split_prompt("a cat with a crown") == ["a cat", "a crown"]
+    assert split_prompt("a cat") == ["a cat"]
