@@ -69,12 +69,14 @@ def test_all_tokens_and_layer_average(pipe):
     recorded(reg, rec, vanilla=True)
     total = rec.map(1).sum(1)  # over all 77 tokens
     torch.testing.assert_close(total, torch.ones_like(total), atol=1e-4, rtol=0)
-    singles = []
-    for layer in layers:
-        one = AttentionRecorder(layers=[layer], steps=[1], resolution=16)
-        recorded(reg, one, vanilla=True)
-        singles.append(one.map(1))
-    torch.testing.assert_close(rec.map(1), torch.stack(singles).mean(0))
+    pair = AttentionRecorder(layers=layers[:2], steps=[1], resolution=16)
+    singles = [AttentionRecorder(layers=[layer], steps=[1], resolution=16) for layer in layers[:2]]
+    reg.state.observers.extend(singles)  # several observers at once
+    try:
+        recorded(reg, pair, vanilla=True)
+    finally:
+        del reg.state.observers[:]
+    torch.testing.assert_close(pair.map(1), torch.stack([one.map(1) for one in singles]).mean(0))
 
 
 def test_vanilla_recording_does_not_change_the_image(pipe):
