@@ -93,6 +93,46 @@ def regulation_loss(probs: torch.Tensor, weights: torch.Tensor, loss: LossWeight
     return loss.gamma * l_high + loss.delta * l_prop + loss.epsilon * l_reg
 
 
+def quantile_along_pixels(probs: torch.Tensor, q: float):
+    """torch.quantile(probs, q, dim=1) (linear interpolation), with where its two order statistics are.
+
+    Uses a partial top-k instead of a full sort. Returns (value, lower index, upper index, fraction).
+    """
+    n = probs.shape[1]
+    pos = q * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1) if pos > lo else lo
+    values, where = probs.topk(n - lo, dim=1)  # descending: ascending rank i sits at n - 1 - i
+    v_lo, v_hi = values[:, n - 1 - lo], values[:, n - 1 - hi]
+    frac = pos - lo
+    return v_lo + frac * (v_hi - v_lo), where[:, n - 1 - lo], where[:, n - 1 - hi], frac
+
+
+def loss_and_grad(
+    target_logits: torch.Tensor, rest_lse: torch.Tensor, bases: torch.Tensor, w: torch.Tensor, loss: LossWeights
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`regulation_loss` at weights w and its gradient dL/dw, in closed form.
+
+    The same numbers as autograd through `regulation_loss` (tested), in a fixed ~25 tensor operations
+    instead of ~125: on a GPU every operation is a kernel launch, and launches were the release's cost.
+    """
+    b, pixels, n = target_logits.shape
+    probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))  # (B, P, n)
+    high, i_lo, i_hi, frac = quantile_along_pixels(probs, loss.quantile)  # (B, n)
+    mean = probs.mean(dim=1)
+    d_high, d_mean = high - loss.high_target, mean - target_share(n, loss.per_target_share)
+    value = loss.gamma * (d_high**2).mean() + loss.delta * (d_mean**2).mean() + loss.epsilon * (w**2).mean()
+    # dL/dP: every pixel through the mean, the two order statistics through the quantile.
+    g_high = (2 * loss.gamma / (b * n)) * d_high
+    g_probs = ((2 * loss.delta / (b * n * pixels)) * d_mean).unsqueeze(1).expand(b, pixels, n).clone()
+    g_probs.scatter_add_(1, i_lo.unsqueeze(1), ((1 - frac) * g_high).unsqueeze(1))
+    g_probs.scatter_add_(1, i_hi.unsqueeze(1), (frac * g_high).unsqueeze(1))
+    # through the softmax over all tokens: dL/da_s = P_s (g_s - sum_t g_t P_t), only targets move
+    g_logits = probs * (g_probs - (g_probs * probs).sum(dim=-1, keepdim=True))
+    grad = torch.einsum("bpn,kp->bkn", g_logits, bases) + (2 * loss.epsilon / w.numel()) * w
+    return value, grad
+
+
 @dataclass
 class SolverResult:
     weights: torch.Tensor  # best bump weights found, (B, K, n)
@@ -113,23 +153,19 @@ def optimise_offsets(
 
     As released: the loss is evaluated before every update, the step is `lr` per (image, head), i.e.
     lr * B times the gradient of the batch mean, and the iterate after the last update is not scored.
-    Runs in fp32 with its own autograd graph; nothing flows back into the model.
+    Runs in fp32; the gradient is in closed form, so nothing flows back into the model.
     """
     target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
-    w = init_weights.detach().float().clone()
+    w = init_weights.detach().float()
     best_w, best_loss, first_loss = w, torch.full((), math.inf, device=w.device), None
     step = lr * w.shape[0]
-    with torch.enable_grad():
-        for _ in range(iterations):
-            w.requires_grad_(True)
-            value = regulation_loss(target_probs(target_logits, rest_lse, offsets_from_weights(w, bases)), w, loss)
-            (grad,) = torch.autograd.grad(value, w)
-            value, w = value.detach(), w.detach()
-            first_loss = value if first_loss is None else first_loss
-            # Keep the best iterate on the device: no host sync inside the loop.
-            better = value < best_loss
-            best_w, best_loss = torch.where(better, w, best_w), torch.where(better, value, best_loss)
-            w = w - step * grad
+    for _ in range(iterations):
+        value, grad = loss_and_grad(target_logits, rest_lse, bases, w, loss)
+        first_loss = value if first_loss is None else first_loss
+        # Keep the best iterate on the device: no host sync inside the loop.
+        better = value < best_loss
+        best_w, best_loss = torch.where(better, w, best_w), torch.where(better, value, best_loss)
+        w = w - step * grad
     return SolverResult(best_w, best_loss, first_loss)
 
 

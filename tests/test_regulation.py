@@ -108,3 +108,24 @@ def test_smoothing_is_a_two_tap_blend_with_decay():
     prev, best = torch.ones(1, 49, 1), torch.full((1, 49, 1), 3.0)
     out = smoothed_weights(prev, best, step=2)
     assert out[0, 0, 0].item() == pytest.approx(0.99**2 * (0.25 * 1 + 0.75 * 3))
+
+
+@pytest.mark.parametrize("width, n", [(16, 2), (8, 1), (64, 3)])
+def test_closed_form_gradient_matches_autograd(width, n):
+    from attnreg.regulation import loss_and_grad, quantile_along_pixels
+
+    torch.manual_seed(width + n)
+    s = torch.randn(3, width * width, 77, dtype=torch.float64)
+    t = torch.arange(1, n + 1)
+    keep = torch.ones(77, dtype=torch.bool)
+    keep[t] = False
+    tl, lse = s[..., t], torch.logsumexp(s[..., keep], -1, keepdim=True)
+    bases = gaussian_bases(width, dtype=torch.float64)
+    w = torch.rand(3, 49, n, dtype=torch.float64, requires_grad=True)
+    expected = regulation_loss(target_probs(tl, lse, offsets_from_weights(w, bases)), w)
+    (expected_grad,) = torch.autograd.grad(expected, w)
+    value, grad = loss_and_grad(tl, lse, bases, w.detach(), LossWeights())
+    torch.testing.assert_close(value, expected.detach())
+    torch.testing.assert_close(grad, expected_grad)
+    p = torch.rand(4, width * width, n)
+    torch.testing.assert_close(quantile_along_pixels(p, 0.9)[0], torch.quantile(p, 0.9, dim=1))
