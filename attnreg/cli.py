@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 # Modules that add their own sub-commands with `register(subparsers)`; optional parts may be absent.
-SUBCOMMAND_MODULES = ("attnreg.toy.cli", "attnreg.eval.cli", "attnreg.explain")
+SUBCOMMAND_MODULES = ("attnreg.toy.cli", "attnreg.eval.cli", "attnreg.explain", "attnreg.ablate")
 
 
 def slug(text: str, limit: int = 60) -> str:

@@ -1,0 +1,248 @@
+"""`attnreg ablate`: one regulation parameter swept over values with the benchmark runner (Fig. 5).
+
+Every value is one configuration of the `attnreg` method of `attnreg.eval`; all of them, and the plain
+`sd` baseline, go into one benchmark folder (their file names differ by a hash of the configuration,
+so a rerun resumes and a value already done is not generated again). The result: fidelity with its
+95 % interval and seconds per image against the parameter, `sd` as a dashed line.
+
+    from attnreg.ablate import ablate
+    result = ablate("edit_steps", [0, 5, 10, 25], dataset="shapes", seeds="0-7", limit=10, out="abl")
+    result.figure; result.rows
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# --param name -> RegulationConfig field. beta is the paper's name for the regulariser's weight (Fig. 5),
+# epsilon in the config (see method.md).
+PARAMS = {"layers": "layers", "edit_steps": "edit_steps", "beta": "epsilon", "iterations": "iterations"}
+
+
+@dataclass
+class Ablation:
+    param: str
+    values: list
+    fidelity: str  # "metric.field"
+    rows: list[dict]  # per value (and "sd"): fidelity and seconds summaries
+    figure: object = None
+    files: list[Path] = field(default_factory=list)
+
+
+def parse_values(param: str, text: str | list) -> list:
+    """--values for `param`: numbers separated by commas ("0,5,10,25"); for layers, layer sets separated
+    by semicolons, the blocks of one set by commas or "+" ("down_blocks.2;down_blocks.2,up_blocks.1")."""
+    if param not in PARAMS:
+        raise ValueError(f"unknown --param {param!r}; valid: {', '.join(PARAMS)}")
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(";" if param == "layers" else ",") if p.strip()]
+    else:
+        parts = list(text)
+    if not parts:
+        raise ValueError(f"--values for {param} is empty")
+    values = []
+    for part in parts:
+        if param == "layers":
+            blocks = part.replace("+", ",").split(",") if isinstance(part, str) else list(part)
+            blocks = tuple(b.strip() for b in blocks if b.strip())
+            if not blocks:
+                raise ValueError(f"an empty layer set in --values {text!r}")
+            values.append(blocks)
+            continue
+        try:
+            value = float(part) if param == "beta" else int(part)
+        except (TypeError, ValueError):
+            kind = "numbers" if param == "beta" else "integers"
+            raise ValueError(f"--values for {param} must be comma-separated {kind}, got {part!r}") from None
+        if value < 0 or (param == "iterations" and value < 1) or (param == "beta" and not math.isfinite(value)):
+            raise ValueError(f"--values for {param}: {part!r} is out of range")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise ValueError(f"--values for {param} repeats a value: {text!r}")
+    return values
+
+
+def label(value) -> str:
+    return "+".join(value) if isinstance(value, (tuple, list)) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def default_fidelity(dataset: str) -> str:
+    return "detect.success" if dataset == "shapes" else "clip.full"
+
+
+def ablate(
+    param: str,
+    values,
+    dataset: str = "shapes",
+    seeds="0-7",
+    model: str | None = None,
+    out: str | Path = "ablate",
+    steps: int = 50,
+    guidance: float = 7.5,
+    size: int | None = None,
+    limit: int | None = 10,
+    subsets: list[str] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    metrics: str = "auto",
+    fidelity: str | None = None,
+    metric_options: dict | None = None,
+    progress: bool = True,
+) -> Ablation:
+    """Run the benchmark for every value of `param` (and `sd` once), score, and plot."""
+    from .eval import run_benchmark, score_dir
+    from .eval.runner import parse_seeds
+
+    values = parse_values(param, values)
+    config_field = PARAMS[param]
+    seeds = parse_seeds(seeds)
+    fidelity = fidelity or default_fidelity(dataset)
+    if "." not in fidelity:
+        raise ValueError(f"--fidelity must be METRIC.FIELD such as detect.success or clip.full, got {fidelity!r}")
+    out = Path(out)
+    common = dict(dataset=dataset, seeds=seeds, model=model, out=out, steps=steps, guidance=guidance, size=size,
+                  limit=limit, subsets=subsets, device=device, dtype=dtype, progress=progress, metrics=None,
+                  report=False)
+    for i, value in enumerate(values):
+        methods = ["sd", "attnreg"] if i == 0 else ["attnreg"]
+        run_benchmark(methods=methods, method_options={"attnreg": {config_field: value}}, **common)
+    if metrics == "auto":
+        metrics = fidelity.split(".")[0]
+    score_dir(out, metrics, device=device, progress=progress, **(metric_options or {}))
+
+    rows = collect(out, param, values, fidelity, dataset, seeds)
+    result = Ablation(param, values, fidelity, rows)
+    result.figure = figure(result)
+    out.mkdir(parents=True, exist_ok=True)
+    png, js = out / f"ablate_{param}.png", out / f"ablate_{param}.json"
+    result.figure.savefig(png, dpi=110)
+    js.write_text(json.dumps({"param": param, "config_field": config_field, "values": [label(v) for v in values],
+                              "fidelity": fidelity, "dataset": dataset, "seeds": seeds, "rows": rows}, indent=1))
+    result.files = [png, js]
+    return result
+
+
+def collect(out: Path, param: str, values: list, fidelity: str, dataset: str, seeds: list[int]) -> list[dict]:
+    """Per value of `param` (and `sd`): fidelity and seconds per image, with 95 % intervals."""
+    from .eval.io import iter_records
+    from .eval.metrics import load_scores
+    from .eval.report import summarise
+
+    metric, field_name = fidelity.split(".", 1)
+    scores = load_scores(out).get(metric, {}).get("items", {})
+    config_field = PARAMS[param]
+    wanted = {label(v): v for v in values}
+    groups: dict[str, dict[str, list]] = {"sd": {"fidelity": [], "seconds": []}}
+    groups.update({k: {"fidelity": [], "seconds": []} for k in wanted})
+    for r in iter_records(out):
+        if r.get("dataset") != dataset or r.get("seed") not in seeds:
+            continue
+        if r["method"] == "sd":
+            key = "sd"
+        elif r["method"] == "attnreg":
+            value = r["config"].get(config_field)
+            key = label(tuple(value) if isinstance(value, list) else value)
+            if key not in wanted:
+                continue
+        else:
+            continue
+        groups[key]["seconds"].append(float(r["seconds"]))
+        v = scores.get(r["key"], {}).get(field_name)
+        if isinstance(v, (bool, int, float)):
+            groups[key]["fidelity"].append(v)
+    rows = []
+    for key, g in groups.items():
+        if not g["seconds"]:
+            continue
+        rows.append({"value": key, "n": len(g["seconds"]), "fidelity": summarise(g["fidelity"]),
+                     "seconds": summarise(g["seconds"])})
+    if not any(row["fidelity"]["n"] for row in rows):
+        raise ValueError(f"no {fidelity} scores in {out}; is the metric right for data set {dataset!r}?")
+    return rows
+
+
+def figure(result: Ablation):
+    """Fidelity and seconds per image against the parameter, with 95 % intervals; `sd` dashed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2)
+    rows = [r for r in result.rows if r["value"] != "sd"]
+    sd = next((r for r in result.rows if r["value"] == "sd"), None)
+    numeric = result.param != "layers"
+    xs = [float(r["value"]) for r in rows] if numeric else list(range(len(rows)))
+    for ax, key, title in ((axes[0], "fidelity", result.fidelity), (axes[1], "seconds", "seconds per image")):
+        ys = [r[key]["value"] for r in rows]
+        lo = [r[key]["value"] - r[key]["low"] if not math.isnan(r[key]["low"]) else 0 for r in rows]
+        hi = [r[key]["high"] - r[key]["value"] if not math.isnan(r[key]["high"]) else 0 for r in rows]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label="attnreg")
+        if sd is not None and sd[key]["n"]:
+            ax.axhline(sd[key]["value"], color="gray", linestyle="--", label="sd")
+            if not math.isnan(sd[key]["low"]):
+                ax.axhspan(sd[key]["low"], sd[key]["high"], color="gray", alpha=0.15)
+        if all(y >= 0 for y in ys if not math.isnan(y)):
+            ax.set_ylim(bottom=0)  # rates, similarities of this kind and seconds: intervals below 0 mean nothing
+        ax.set_xlabel(result.param)
+        ax.set_title(title + " (95 % intervals)", fontsize=10)
+        if not numeric:
+            ax.set_xticks(xs, [r["value"] for r in rows], rotation=20, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Ablation of {result.param}", fontsize=11)
+    return fig
+
+
+# -- the command line ---------------------------------------------------------------------------
+def cmd_ablate(args) -> int:
+    from .cli import split_list
+
+    result = ablate(
+        args.param, args.values, dataset=args.dataset, seeds=args.seeds, model=args.model, out=args.out,
+        steps=args.steps, guidance=args.guidance, size=args.size, limit=args.limit, subsets=split_list(args.subsets),
+        device=args.device, dtype=args.dtype, metrics=args.metrics, fidelity=args.fidelity,
+        metric_options={"clip_model": args.clip_model}, progress=not args.no_progress,
+    )
+    print(f"{'value':>24}  {'n':>4}  {result.fidelity:>24}  seconds/image")
+    for row in result.rows:
+        f, s = row["fidelity"], row["seconds"]
+        print(f"{row['value']:>24}  {row['n']:>4}  {_interval(f):>24}  {_interval(s)}")
+    for path in result.files:
+        print(path)
+    return 0
+
+
+def _interval(s: dict) -> str:
+    if not s["n"] or math.isnan(s["value"]):
+        return "-"
+    if math.isnan(s["low"]):
+        return f"{s['value']:.3f}"
+    return f"{s['value']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
+
+
+def register(subparsers) -> None:
+    from .cli import add_model_args
+
+    p = subparsers.add_parser(
+        "ablate", help="sweep one regulation parameter with the benchmark runner and plot fidelity and time (Fig. 5)",
+        description="Run `attnreg bench` for every value of --param (method attnreg, plus sd once) into one "
+        "folder, score it, and write ablate_<param>.png and .json.",
+    )
+    p.add_argument("--param", required=True, choices=list(PARAMS), help="beta is the config's epsilon")
+    p.add_argument("--values", required=True,
+                   help="comma-separated numbers; for layers, sets separated by ';' (e.g. 'down_blocks.2;down_blocks.2,up_blocks.1')")
+    p.add_argument("--dataset", default="shapes", help="shapes, ae or file:PATH (default: shapes)")
+    p.add_argument("--subsets", default=None)
+    p.add_argument("--seeds", default="0-7")
+    p.add_argument("--limit", type=int, default=10, help="prompts per subset (default 10)")
+    add_model_args(p)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--metrics", default="auto", help="metrics to score (default: the fidelity's metric)")
+    p.add_argument("--fidelity", default=None, help="METRIC.FIELD plotted (default: detect.success on shapes, clip.full otherwise)")
+    p.add_argument("--clip-model", default=None, help="CLIP id or folder for the clip metric")
+    p.add_argument("--out", default="ablate")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_ablate)
