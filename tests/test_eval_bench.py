@@ -179,9 +179,9 @@ def bench_file_mtime(out, record):
     return ((out / "records" / (record["key"] + ".json")).stat().st_mtime_ns, (out / record["image"]).stat().st_mtime_ns)
 
 
-@pytest.mark.slow
 def test_two_processes_match_one(bench, model, tmp_path):
-    """torchrun --nproc_per_node 2: the same records (minus timing) and the same images as 1 process."""
+    """torchrun --nproc_per_node 2: the same records (minus timing) and the same images as 1 process
+    (about 25 s on 2 busy cores)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed")
@@ -191,7 +191,7 @@ def test_two_processes_match_one(bench, model, tmp_path):
     for s in AE_FAST:
         argv += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "attnreg.cli", *argv],
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "attnreg.cli", *argv],
                          capture_output=True, text=True, timeout=500, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = records(bench), records(out)
@@ -205,4 +205,4 @@ def test_two_processes_match_one(bench, model, tmp_path):
 
         with Image.open(bench / one[key]["image"]) as x, Image.open(out / two[key]["image"]) as y:
             diff = np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int))
-        assert diff.max() <= 2, (key, diff.max())  # thread counts differ (2 vs 1): allow rounding of a few pixels
+        assert diff.max() == 0, (key, diff.max())  # both runs use one thread per process: bitwise the same
