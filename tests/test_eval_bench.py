@@ -118,6 +118,19 @@ def test_rerun_skips_everything_and_refuses_other_configs(bench, model, capsys):
     os.remove(bench / "records" / (new[0]["key"] + ".json"))
 
 
+def test_attend_and_excite_missing_or_unsupported(model, monkeypatch):
+    from attnreg.eval.methods import make_method
+    from attnreg.pipelines import load_pipeline
+    from attnreg.testing import tiny_sdxl_pipeline
+
+    with pytest.raises(MethodError, match="Stable Diffusion 1.x/2.x"):
+        make_method("attend-and-excite", tiny_sdxl_pipeline())
+    pipe = load_pipeline(model)
+    monkeypatch.setattr("attnreg.eval.methods._ae_pipeline_class", lambda: None)
+    with pytest.raises(MethodError, match="does not provide"):
+        make_method("attend-and-excite", pipe)
+
+
 def test_bad_inputs(tmp_path, model, capsys):
     assert main(["bench", "--dataset", "nope", "--methods", "sd", "--out", str(tmp_path / "o"), "--model", str(model)]) == 2
     assert "unknown data set 'nope'" in capsys.readouterr().err

@@ -84,3 +84,14 @@ def test_clip_conventions():
     assert split_prompt("a cat and a red apple") == ["a cat", "a red apple"]
     assert split_prompt("a cat with a crown") == ["a cat", "a crown"]
     assert split_prompt("a cat") == ["a cat"]
+
+
+def test_shapes_set():
+    pytest.importorskip("attnreg.toy.prompts")
+    items = load_dataset("shapes", limit=3)
+    assert Counter(p.subset for p in items) == {"1obj": 3, "2obj": 3, "3obj": 3}
+    for p in items:
+        assert len(p.targets) == int(p.subset[0]) and all(t in p.prompt for t in p.targets)
+    assert load_dataset("shapes", subsets=["2obj"], limit=2) == [p for p in items if p.subset == "2obj"][:2]
+    with pytest.raises(DatasetError, match="1obj"):
+        load_dataset("shapes", subsets=["4obj"])

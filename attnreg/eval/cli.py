@@ -27,7 +27,7 @@ def cmd_bench(args) -> int:
         steps=args.steps, guidance=args.guidance, size=args.size, limit=args.limit,
         subsets=[s.strip() for s in args.subsets.split(",")] if args.subsets else None,
         device=args.device, dtype=args.dtype, method_options=parse_sets(args.set), metrics=args.metrics,
-        metric_options=_metric_options(args), force=args.force, progress=not args.no_progress,
+        metric_options=_metric_options(args), force=args.force, warmup=args.warmup, progress=not args.no_progress,
         report=not args.no_report,
     )
     return 0
@@ -74,6 +74,7 @@ def register(sub) -> None:
     b.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                    help="a method option (JSON value), e.g. attend-and-excite.max_iter_to_alter=10, attnreg.edit_steps=20; repeatable")
     b.add_argument("--force", action="store_true", help="write beside records of another configuration (never overwrites)")
+    b.add_argument("--warmup", action="store_true", help="one untimed image per method first (fairer seconds/image)")
     b.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -133,6 +133,15 @@ def cross_attention_resolution(unet, height: int, vae_scale_factor: int, layers=
     return (side, side)
 
 
+def _ae_pipeline_class():
+    """diffusers' A&E pipeline class, or None when the installed diffusers lacks it."""
+    try:
+        from diffusers import StableDiffusionAttendAndExcitePipeline
+    except (ImportError, AttributeError):
+        return None
+    return StableDiffusionAttendAndExcitePipeline
+
+
 @register_method
 class AttendAndExcite(Method):
     """diffusers' StableDiffusionAttendAndExcitePipeline on the same components (SD 1.x/2.x only).
@@ -151,9 +160,8 @@ class AttendAndExcite(Method):
                 f"unknown option(s) {', '.join(bad)} for method {self.name}; valid: {', '.join([*self.DEFAULTS, 'layers'])}"
             )
         super().__init__(pipe, **options)
-        try:
-            from diffusers import StableDiffusionAttendAndExcitePipeline
-        except ImportError:
+        StableDiffusionAttendAndExcitePipeline = _ae_pipeline_class()
+        if StableDiffusionAttendAndExcitePipeline is None:
             import diffusers
 
             raise MethodError(

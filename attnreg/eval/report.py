@@ -63,6 +63,12 @@ def _fmt(s: dict, digits: int = 3) -> str:
     return f"{value}{unit} [{s['low'] * scale:.{d}f}, {s['high'] * scale:.{d}f}]"
 
 
+def method_order(names) -> list[str]:
+    """sd first (the baseline), then the others alphabetically."""
+    names = sorted(set(names))
+    return [n for n in names if n == "sd"] + [n for n in names if n != "sd"]
+
+
 def collect(out: Path) -> tuple[list[dict], dict, list[str]]:
     """The records, the table {(dataset, subset, method label): {column: summary}}, and the columns."""
     records = list(iter_records(out))
@@ -116,7 +122,7 @@ def write_report(out: str | Path) -> Path:
     subsets = sorted({(d, s) for d, s, _ in table})
     for dataset, subset in subsets:
         lines += [f"## {dataset} / {subset}", ""]
-        methods = [m for d, s, m in table if (d, s) == (dataset, subset)]
+        methods = method_order(m for d, s, m in table if (d, s) == (dataset, subset))
         sd = table.get((dataset, subset, "sd"), {}).get("seconds/image")
         head = ["method", "n", *columns, "seconds/image", "overhead vs sd", "peak memory, max (MiB)"]
         lines.append("| " + " | ".join(head) + " |")
@@ -130,7 +136,7 @@ def write_report(out: str | Path) -> Path:
                      f"{mem['max']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    chart = _bar_chart(out, table, columns or ["seconds/image"])
+    chart = _bar_chart(out, table, [*columns, "seconds/image"])
     lines += ["## Figures", "", f"![metrics]({chart.name})", ""]
     for (dataset, subset), path in _grids(out, records).items():
         lines += [f"![{dataset} {subset}]({path.name})", ""]
@@ -147,7 +153,7 @@ def _bar_chart(out: Path, table: dict, columns: list[str]) -> Path:
 
     keys = sorted(table)
     subsets = sorted({(d, s) for d, s, _ in keys})
-    methods = list(dict.fromkeys(m for _, _, m in keys))
+    methods = method_order(m for _, _, m in keys)
     fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.6), squeeze=False)
     width = 0.8 / max(1, len(methods))
     for ax, col in zip(axes[0], columns):
@@ -187,7 +193,7 @@ def _grids(out: Path, records: list[dict], max_prompts: int = 8) -> dict:
         by_subset[(r["dataset"], r["subset"])].append(r)
     written = {}
     for (dataset, subset), recs in sorted(by_subset.items()):
-        methods = list(dict.fromkeys(r["method"] for r in recs))
+        methods = method_order(r["method"] for r in recs)
         cells = {(r["prompt"], r["seed"], r["method"]): r for r in recs}
         rows = []
         for prompt in dict.fromkeys(r["prompt"] for r in recs):

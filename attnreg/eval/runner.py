@@ -139,11 +139,13 @@ def run_benchmark(
     metrics: list[str] | str | None = "auto",
     metric_options: dict | None = None,
     force: bool = False,
+    warmup: bool = False,
     progress: bool = True,
     report: bool = True,
 ) -> dict:
     """Generate every (prompt, seed, method) not already in `out`; then score and report (main process).
 
+    warmup: make one untimed image per method first (timings then exclude start-up costs).
     Returns a summary dict: total, done_before, generated, seconds, out."""
     import torch
     from tqdm.auto import tqdm
@@ -199,6 +201,10 @@ def run_benchmark(
         dynamic_ncols=True, file=sys.stderr,
     )
     cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+    if warmup:  # one untimed image per method that has work left, so the first timing has no start-up cost
+        for name in dict.fromkeys(it.method for it in pending):
+            first = next(it for it in pending if it.method == name)
+            made[name].generate(first.prompt.prompt, list(first.prompt.targets), torch.Generator("cpu").manual_seed(0), **call)
     generated = 0
     for it in pending:
         generator = torch.Generator("cpu").manual_seed(noise_seed(it.prompt.prompt, it.seed))
@@ -227,8 +233,8 @@ def run_benchmark(
         }
         atomic_write_json(record_path(out, it.key), record)  # last: a PNG without a record never counts
         generated += 1
-        bar.update(1)
         bar.set_postfix(left=len(pending) - generated, refresh=False)
+        bar.update(1)
     bar.close()
     state.wait_for_everyone()
 
