@@ -71,8 +71,13 @@ def test_clip_blip_owl_on_tiny_models(tmp_path, models):
     assert (out / "report_metrics.png").is_file() and list(out.glob("report_grid_*.png"))
 
 
-def test_unloadable_model_is_named(tmp_path):
+def test_unloadable_model_is_named(tmp_path, capsys):
+    from attnreg.cli import main
+
     out = fake_bench(tmp_path / "bench", methods=("sd",), seeds=(0,))
+    assert main(["score", str(out), "--metrics", "blip", "--blip-model", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "could not load the BLIP model" in err and "--blip-model PATH" in err
     with pytest.raises(MetricModelError, match=r"CLIP model .*nowhere.*--clip-model PATH"):
         score_dir(out, "clip", clip_model=str(tmp_path / "nowhere"), progress=False)
     with pytest.raises(MetricModelError, match="--owl-model"):
