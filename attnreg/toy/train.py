@@ -39,6 +39,11 @@ import torch.nn.functional as F
 from .world import COLOUR_NAMES, SHAPES, Obj, caption, random_scene, render
 
 PHASES = ("vae", "latents", "unet")
+_STOP = {"flag": False}
+
+
+def _request_stop(signum, frame):  # SIGTERM / SIGINT: checkpoint at the end of the current step, then exit
+    _STOP["flag"] = True
 
 
 @dataclass
@@ -242,11 +247,12 @@ def train_vae(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop
             run = []
             losses.add("vae", step, m, time.time() - t0)
             log(f"vae step {step}/{cfg.vae_steps} loss {m:.5f} ({(time.time() - t0) / step:.2f} s/step this run)")
-        if time.time() - last_ck > ckpt_seconds or step == cfg.vae_steps or (stop_at and time.time() > stop_at):
+        stop = bool(stop_at and time.time() > stop_at) or _STOP["flag"]
+        if time.time() - last_ck > ckpt_seconds or step == cfg.vae_steps or stop:
             atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg)}, path)
             last_ck = time.time()
-            if stop_at and time.time() > stop_at:
-                log("vae: time limit reached, stopping")
+            if stop:
+                log("vae: stop requested, checkpoint written, exiting")
                 sys.exit(0)
 
 
@@ -287,8 +293,8 @@ def encode_pool(cfg: Config, out: Path, stop_at: float | None) -> None:
                 objs[i, j, 0], objs[i, j, 1] = SHAPE_IDX[o.shape], COLOUR_IDX[o.colour]
         atomic_save({"latents": torch.cat(lat).to(torch.float16), "objects": objs}, p)
         log(f"latents: chunk {c + 1}/{n_chunks} ({(time.time() - t0):.0f} s)")
-        if stop_at and time.time() > stop_at:
-            log("latents: time limit reached, stopping")
+        if (stop_at and time.time() > stop_at) or _STOP["flag"]:
+            log("latents: stop requested, stopping")
             sys.exit(0)
 
 
@@ -405,7 +411,7 @@ def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, sto
             run = []
             losses.add("unet", step, m, time.time() - t0)
             log(f"unet step {step}/{cfg.unet_steps} loss {m:.5f} lr {lr:.2e} ({(time.time() - t0) / (step - start):.2f} s/step this run)")
-        stop = bool(stop_at and time.time() > stop_at) or (out / "STOP").exists()
+        stop = bool(stop_at and time.time() > stop_at) or (out / "STOP").exists() or _STOP["flag"]
         if time.time() - last_ck > ckpt_seconds or step == cfg.unet_steps or stop:
             checkpoint()
             last_ck = time.time()
@@ -515,6 +521,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     ap.add_argument("--export-only", action="store_true", help="export from the latest checkpoint and exit")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     a = ap.parse_args(argv)
 
     out = Path(a.out)
@@ -531,7 +538,12 @@ def main(argv=None) -> int:
         cur = getattr(cfg, k)
         setattr(cfg, k, tuple(int(x) for x in v.split(",")) if isinstance(cur, tuple) else type(cur)(v))
     saved.write_text(json.dumps(asdict(cfg), indent=2))
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(a.threads or cfg.threads)
+    if argv is None:  # run as a program: a SIGTERM / Ctrl-C checkpoints before exiting
+        import signal
+
+        signal.signal(signal.SIGTERM, _request_stop)
+        signal.signal(signal.SIGINT, _request_stop)
     torch.manual_seed(cfg.seed)
     losses = LossLog(out / "loss.csv")
     stop_at = time.time() + 60 * a.max_minutes if a.max_minutes else None
