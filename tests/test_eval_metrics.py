@@ -98,9 +98,16 @@ def test_bad_metric_names(tmp_path):
 
 def test_detect_on_shapes_records(tmp_path):
     toy = pytest.importorskip("attnreg.toy")
-    out = fake_bench(tmp_path / "bench", methods=("sd",), seeds=(0,), prompts=("a red circle",), dataset="shapes")
+    from attnreg.toy.world import caption, random_scene, render
+
+    scene = random_scene(0, 2)
+    prompt = caption(scene)
+    out = fake_bench(tmp_path / "bench", methods=("sd",), seeds=(0, 1), prompts=(prompt,), dataset="shapes")
+    keys = sorted(p for p in (out / "images").rglob("*.png"))
+    render(scene).save(keys[0])  # one image shows the prompt exactly, the other is noise
     summary = score_dir(out, "detect", progress=False)
-    assert summary["detect"]["scored"] == 1
+    assert summary["detect"]["scored"] == 2
     data = json.loads(next((out / "scores").glob("detect-*.json")).read_text())
-    (values,) = data["items"].values()
-    assert isinstance(values["success"], bool)
+    by_image = {k.split("/")[-1]: v for k, v in data["items"].items()}
+    assert by_image[keys[0].stem]["success"] is True and by_image[keys[1].stem]["success"] is False
+    assert "detect.success" in write_report(out).read_text()

@@ -134,9 +134,16 @@ class Detect(Metric):
         out = []
         for record, image in zip(records, images):
             result = dict(score(record["prompt"], image))
-            out.append({k: (v if isinstance(v, (bool, int, float)) else json.loads(json.dumps(v, default=str)))
-                        for k, v in result.items()})
+            result.pop("n_named", None)  # a property of the prompt, not of the image
+            out.append(json.loads(json.dumps(result, default=_plain)))
         return out
+
+
+def _plain(value):
+    """json.dumps fallback: numpy scalars and arrays to Python numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 class _ClipText:
