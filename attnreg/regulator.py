@@ -51,7 +51,8 @@ def layer_blocks(unet) -> list[str]:
         block = parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
         if block not in blocks:
             blocks.append(block)
-    return blocks
+    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}  # the forward order, not registration order
+    return sorted(blocks, key=lambda b: (order[b.split(".")[0]], int(b.split(".")[1]) if "." in b else 0))
 
 
 def default_layers(unet) -> tuple[str, ...]:

@@ -170,7 +170,7 @@ def test_bad_steps_and_guidance(sd):
 
 def test_unknown_layer_lists_valid_ones(sd):
     originals = sd.unet.attn_processors
-    with pytest.raises(LayerError, match=r"'down_blocks.7'.*valid blocks: down_blocks.1, up_blocks.0"):
+    with pytest.raises(LayerError, match=r"'down_blocks.7'.*valid blocks: down_blocks.1, mid_block, up_blocks.0"):
         AttentionRegulator(sd, RegulationConfig(layers=("down_blocks.7",)))
     assert_untouched(sd, originals)
     reg = AttentionRegulator(sd, RegulationConfig(layers=("up_blocks.0.attentions.1.transformer_blocks.0.attn2",)))

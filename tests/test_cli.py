@@ -1,0 +1,62 @@
+"""The command line's documented examples, on a tiny pipeline saved to a local folder."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from attnreg.cli import main
+from attnreg.testing import tiny_sd_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline().save_pretrained(path)
+    return str(path)
+
+
+def test_tokens_prints_table_and_targets(capsys):
+    assert main(["tokens", "a teddy bear and a cat", "--targets", "teddy bear,cat"]) == 0
+    out = capsys.readouterr().out
+    assert "    2  teddy" in out and "    6  cat" in out
+    assert "targets: [2, 3, 6]" in out
+
+
+def test_tokens_with_model_tokenizer(tiny_model, capsys):
+    assert main(["tokens", "a cat and a dog", "--model", tiny_model]) == 0
+    assert "    5  dog" in capsys.readouterr().out
+
+
+def test_generate_compare_writes_predictable_files(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["generate", "a cat and a dog", "--targets", "cat,dog", "--model", tiny_model, "--steps", "4",
+                 "--seed", "3", "--out", str(out), "--compare"])
+    assert code == 0
+    stem = "a-cat-and-a-dog_seed3"
+    printed = capsys.readouterr().out.split()
+    expected = [out / f"{stem}_attnreg.png", out / f"{stem}_original.png", out / f"{stem}_compare.png", out / f"{stem}.json"]
+    assert printed == [str(p) for p in expected]
+    regulated, original = Image.open(expected[0]), Image.open(expected[1])
+    assert regulated.size == original.size == (64, 64)
+    assert regulated.tobytes() != original.tobytes()
+    compare = Image.open(expected[2])
+    assert compare.width > 2 * 64 * 4 - 1  # both images, upscaled, side by side
+    record = json.loads(expected[3].read_text())
+    assert record["targets"]["indices"] == [2, 5] and record["config"]["delta"] == 80.0
+
+
+def test_generate_bad_target_is_a_clear_error(tiny_model, tmp_path, capsys):
+    code = main(["generate", "a cat and a dog", "--targets", "bird", "--model", tiny_model, "--steps", "2",
+                 "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'bird' is not in the prompt" in err and "2:cat" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_unknown_layer_and_preset(tiny_model, tmp_path, capsys):
+    assert main(["generate", "a cat", "--model", tiny_model, "--layers", "down_blocks.5", "--out", str(tmp_path)]) == 2
+    assert "valid blocks: down_blocks.1, mid_block, up_blocks.0" in capsys.readouterr().err
+    assert main(["generate", "a cat", "--model", tiny_model, "--preset", "nope", "--out", str(tmp_path)]) == 2
+    assert "valid presets: paper" in capsys.readouterr().err
