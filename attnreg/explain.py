@@ -91,7 +91,7 @@ def explain(
     *,
     violin_steps: list[int] | None = None,
     record_layers: list[str] | None = None,
-    resolution: int = 16,
+    resolution: int | tuple[int, int] = 16,
     preview: str = "latents",
     **pipeline_kwargs,
 ) -> Explanation:
@@ -101,7 +101,7 @@ def explain(
     steps_shown: the steps of maps.png (default Figure 3's, scaled to num_inference_steps).
     violin_steps: the two steps of stats.png (default: 0 and the last edited step).
     record_layers: blocks or attn2 modules whose maps are averaged (default: the edited layers).
-    resolution: side of the recorded maps.
+    resolution: side of the recorded maps (the height, for a non-square image), or (height, width).
     preview: "latents" decodes the current latents after each shown step (as Figure 3), "x0" the
         scheduler's prediction of the clean sample where it gives one (DDIM, Euler, ...).
     out: a folder to write the four files to (None: nothing written).
@@ -140,6 +140,9 @@ def explain(
     if not words:
         raise ValueError("the prompt has no word tokens")
     per_word = {str(w): resolve_targets(pipe.tokenizer, prompt, [w]) for w in info["targets"]}
+    height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
+    if isinstance(resolution, int) and height and width and height != width:
+        resolution = (resolution, max(1, round(resolution * width / height)))  # keep the image's aspect
     layers = sorted(reg.layers if record_layers is None else select_layers(pipe.unet, tuple(record_layers)))
 
     recorders, images, previews, seconds = {}, {}, {}, {}

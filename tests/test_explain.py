@@ -117,3 +117,20 @@ def test_cli_explain_errors(saved_model, tmp_path, capsys):
     code = main(["explain", PROMPT, "--targets", "zebra", "--model", str(saved_model), "--steps", "4",
                  "--out", str(tmp_path)])
     assert code == 2 and "zebra" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_explain_sdxl_and_non_square(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from attnreg.testing import tiny_sdxl_pipeline
+
+    ex = explain(tiny_sdxl_pipeline(), "a cat and a dog", targets=["cat", "dog"], seed=1, out=tmp_path / "xl",
+                 num_inference_steps=3, preview="x0")
+    assert all((tmp_path / "xl" / name).is_file() for name in FILES) and len(ex.diagnosis) == 2
+    pipe = tiny_sd_pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # no x0: latents shown
+    ex = explain(pipe, "a cat and a dog", seed=1, num_inference_steps=3, preview="x0", height=96, width=64)
+    assert ex.recorders["regulated"].map(0).shape == (1, 5, 16, 11)  # the image's aspect kept
+    assert ex.targets["tokens"] == ["cat", "dog"]  # found by the noun rule
+    assert ex.previews["vanilla"][0].size == (64, 96)
