@@ -196,3 +196,14 @@ def test_impossible_configs():
         RegulationConfig(layers=())
     with pytest.raises(ConfigError, match="valid presets: paper"):
         RegulationConfig.from_preset("fast-ish")
+
+
+def test_model_folder_names_its_layers(tmp_path):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    tiny_sd_pipeline().save_pretrained(tmp_path)
+    (tmp_path / "attnreg.json").write_text(json.dumps({"paper_layers": ["mid_block"]}))
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path)
+    assert AttentionRegulator(pipe).layers == {"mid_block.attentions.0.transformer_blocks.0.attn2"}
