@@ -53,6 +53,10 @@ def test_prompt_files(tmp_path):
     items = load_dataset(f"file:{jl}")
     assert items[0].targets == ("cat",) and items[0].subset == "x"
     assert items[1].targets == ("frog", "bench") and items[1].subset == "all"
+    # exact repeats are dropped; the same prompt with other targets is another item
+    jl.write_text("\n".join(json.dumps(r) for r in [{"prompt": "a cat and a dog"}, {"prompt": "a cat and a dog"},
+                                                     {"prompt": "a cat and a dog", "targets": ["cat"]}]))
+    assert [p.targets for p in load_dataset(f"file:{jl}")] == [("cat", "dog"), ("cat",)]
 
 
 @pytest.mark.parametrize("line", ['{"prompt": "a cat"', '["a cat"]', '{"targets": ["cat"]}', '{"prompt": "a cat", "targets": 3}'])
@@ -88,6 +92,7 @@ def test_clip_conventions():
 
 def test_shapes_set():
     pytest.importorskip("attnreg.toy.prompts")
+    assert len(load_dataset("shapes", subsets=["1obj"])) == 18  # all distinct one-shape prompts
     items = load_dataset("shapes", limit=3)
     assert Counter(p.subset for p in items) == {"1obj": 3, "2obj": 3, "3obj": 3}
     for p in items:

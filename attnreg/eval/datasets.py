@@ -64,7 +64,7 @@ def ae_prompts() -> list[Prompt]:
 
 # -- the shapes world --------------------------------------------------------------------------------
 SHAPES_SUBSETS = {"1obj": 1, "2obj": 2, "3obj": 3}
-SHAPES_DEFAULT_N = 100  # prompts per subset when no --limit is given
+SHAPES_DEFAULT_N = 100  # prompts per subset when no --limit is given (1obj has only 18 distinct ones)
 
 
 def shapes_prompts(subsets=None, limit: int | None = None) -> list[Prompt]:
@@ -151,6 +151,8 @@ def load_dataset(spec: str, subsets: list[str] | None = None, limit: int | None 
     if subsets:
         _check_subsets(spec, subsets, {p.subset for p in items})
         items = [p for p in items if p.subset in subsets]
+    # a repeated (prompt, targets, subset) would only repeat the same images: keep the first
+    items = list({(p.prompt, p.targets, p.subset): p for p in reversed(items)}.values())[::-1]
     if limit is not None:
         seen: dict[str, int] = {}
         kept = []

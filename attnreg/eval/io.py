@@ -30,8 +30,10 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "x"
 
 
-def item_key(subset: str, method: str, prompt: str, seed: int, config_hash: str) -> str:
-    return f"{slug(subset)}/{method}/{slug(prompt)}-{stable_hash('prompt', prompt)[:8]}_s{seed}_{config_hash[:6]}"
+def item_key(subset: str, method: str, prompt: str, seed: int, config_hash: str, targets=()) -> str:
+    """<subset>/<method>/<prompt slug>-<hash of subset, prompt, targets>_s<seed>_<config hash>."""
+    h = stable_hash("item", subset, prompt, [str(t) for t in targets])[:8]
+    return f"{slug(subset)}/{method}/{slug(prompt)}-{h}_s{seed}_{config_hash[:6]}"
 
 
 def _tmp(path: Path) -> Path:

@@ -188,7 +188,7 @@ def run_benchmark(
     method_configs = {name: m.config() for name, m in made.items()}
     config_hash = {name: stable_hash(run, name, method_configs[name]) for name in methods}
     items = [
-        Item(p, seed, name, item_key(p.subset, name, p.prompt, seed, config_hash[name]))
+        Item(p, seed, name, item_key(p.subset, name, p.prompt, seed, config_hash[name], p.targets))
         for p in prompts for seed in seeds for name in methods
     ]
     shard = items[state.process_index :: state.num_processes]
