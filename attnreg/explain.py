@@ -255,7 +255,9 @@ def _numbers(prompt, info, seed, steps, edit_steps, steps_shown, violin_steps, l
             for name in ("mean", "max", "p90"):
                 entry[name] = [round(float(recorder.stats[s][name][0, k]), 5) for s in recorded_steps]
             tokens.append(entry)
-        runs[run] = {"seconds": round(seconds[run], 3), "steps": recorded_steps, "tokens": tokens}
+        dominant = {str(s): dominant_token(recorder, words, s)[1] for s in violin_steps}
+        runs[run] = {"seconds_with_recording": round(seconds[run], 3), "recorded_bytes": recorder.nbytes(),
+                     "steps": recorded_steps, "dominant_at_violin_steps": dominant, "tokens": tokens}
     return {
         "prompt": prompt,
         "seed": seed,
@@ -335,7 +337,7 @@ def maps_figure(ex: Explanation):
         recorder = ex.recorders[run]
         for c, step in enumerate(ex.steps_shown):
             ax = fig.add_subplot(sub[0, c])
-            image = ex.previews[run][c]
+            image = ex.previews[run][c]  # None where the scheduler ran fewer steps
             if image is not None:
                 ax.imshow(image)
             ax.set_title(f"Step {step}", fontsize=10)
@@ -344,7 +346,8 @@ def maps_figure(ex: Explanation):
                 ax.set_ylabel(RUN_LABELS[run], fontsize=11)
             for r, (index, text) in enumerate(targets, start=1):
                 ax = fig.add_subplot(sub[r, c])
-                ax.imshow(recorder.map(step)[0, recorder.token_index(index)].numpy(), cmap="viridis")
+                if step in recorder.maps:
+                    ax.imshow(recorder.maps[step][0, recorder.token_index(index)].numpy(), cmap="viridis")
                 _bare(ax)
                 if c == n_cols - 1:
                     ax.yaxis.set_label_position("right")

@@ -76,6 +76,10 @@ def test_explanation_numbers(explained, pipe):
     assert isinstance(ex.maps_figure, Figure) and isinstance(ex.stats_figure, Figure)
     assert all(len(ex.previews[r]) == STEPS and all(ex.previews[r]) for r in ("vanilla", "regulated"))
     assert ex.recorders["vanilla"].map(3).shape == (1, 7, 16, 16)
+    # what was kept: 4 shown steps and 2 violin steps of 16 x 16 maps, 3 statistics at 4 steps, 7 tokens
+    assert numbers["runs"]["vanilla"]["recorded_bytes"] == 4 * 7 * (4 * 256 + 2 * 256 + 3 * STEPS)
+    assert numbers["runs"]["regulated"]["recorded_bytes"] == ex.recorders["regulated"].bound(1, STEPS)
+    assert set(numbers["runs"]["vanilla"]["dominant_at_violin_steps"]) == {"0", "1"}
 
 
 def test_explain_rejects_bad_input(pipe):
