@@ -245,4 +245,5 @@ def register(subparsers) -> None:
     p.add_argument("--clip-model", default=None, help="CLIP id or folder for the clip metric")
     p.add_argument("--out", default="ablate")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_ablate)

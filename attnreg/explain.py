@@ -469,4 +469,5 @@ def register(subparsers) -> None:
                    help="intermediate images: the current latents (default, as in the paper) or the x0 prediction")
     p.add_argument("--out", default=None, help="output folder (default: outputs/explain_<prompt>_seed<N>)")
     add_regulation_args(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_explain)
