@@ -210,6 +210,9 @@ def test_two_processes_match_one(bench, model, tmp_path):
     one, two = records(bench), records(out)
     assert set(one) == set(two) and len(two) == 12
     assert {r["process"] for r in two.values()} == {0, 1} and {r["processes"] for r in two.values()} == {2}
+    owner = {}
+    for r in two.values():  # all methods of one (prompt, seed) ran in the same process
+        assert owner.setdefault((r["prompt"], r["seed"]), r["process"]) == r["process"]
     for key in one:
         a = {k: v for k, v in one[key].items() if k not in TIMING}
         b = {k: v for k, v in two[key].items() if k not in TIMING}

@@ -191,7 +191,10 @@ def run_benchmark(
         Item(p, seed, name, item_key(p.subset, name, p.prompt, seed, config_hash[name], p.targets))
         for p in prompts for seed in seeds for name in methods
     ]
-    shard = items[state.process_index :: state.num_processes]
+    # every method of one (prompt, seed) goes to the same process: the shares of work stay even, and
+    # methods are timed side by side on the same device
+    per_group = len(methods)
+    shard = [it for i, it in enumerate(items) if (i // per_group) % state.num_processes == state.process_index]
     pending = [it for it in shard if not is_done(out, it.key)]
     call = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=height)
 
