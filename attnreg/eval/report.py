@@ -98,7 +98,12 @@ def collect(out: Path) -> tuple[list[dict], dict, list[str]]:
                     if col not in columns:
                         columns.append(col)
     table = {key: {col: summarise(vals) for col, vals in cols.items()} for key, cols in groups.items()}
+    columns.sort(key=lambda c: (PRIMARY.index(c) if c in PRIMARY else len(PRIMARY), c))
     return records, table, columns
+
+
+# The headline value of each metric comes first in the tables and the chart.
+PRIMARY = ("detect.success", "owl.all_found", "clip.full", "clip.min_object", "blip.text_text")
 
 
 def write_report(out: str | Path) -> Path:
@@ -116,7 +121,8 @@ def write_report(out: str | Path) -> Path:
     lines.append(f"- {len(records)} images, {len({r['prompt'] for r in records})} prompts, {len(seeds)} seeds "
                  f"({seeds[0]}..{seeds[-1]})")
     for metric, data in sorted(scores.items()):
-        lines.append(f"- {metric}: " + ", ".join(f"{k}={v}" for k, v in data.get("settings", {}).items()))
+        settings = ", ".join(f"{k}={v}" for k, v in data.get("settings", {}).items()) or "no settings"
+        lines.append(f"- {metric}: {settings} ({len(data.get('items', {}))} images scored)")
     lines += ["", "Rates (%) with Wilson 95 % intervals; means with Student-t 95 % intervals; "
               "overhead = mean seconds per image / that of `sd` in the same subset - 1.", ""]
     subsets = sorted({(d, s) for d, s, _ in table})
@@ -208,7 +214,10 @@ def _grids(out: Path, records: list[dict], max_prompts: int = 8) -> dict:
         for j, m in enumerate(methods):
             draw.text((label_w + j * side + 2, 2), m, fill="black", font=font)
         for i, (prompt, seed) in enumerate(rows):
-            draw.text((2, head_h + i * side + 2), f"{prompt[:34]}\nseed {seed}", fill="black", font=font)
+            import textwrap
+
+            label = "\n".join(textwrap.wrap(prompt, 34)[:6] + [f"seed {seed}"])
+            draw.text((2, head_h + i * side + 2), label, fill="black", font=font)
             for j, m in enumerate(methods):
                 r = cells.get((prompt, seed, m))
                 if r is None:

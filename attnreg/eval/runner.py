@@ -122,6 +122,23 @@ def check_folder(out: Path, run: dict, force: bool) -> None:
         )
 
 
+def _local_model_height(model, size) -> int | None:
+    """The default image side of a local diffusers folder, read from its configs (None: unknown)."""
+    if size:
+        return size
+    try:
+        root = Path(model) if model is not None else None
+        if root is None:
+            from attnreg.pipelines import default_model
+
+            root = default_model()
+        unet = json.loads((root / "unet" / "config.json").read_text())
+        vae = json.loads((root / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def run_benchmark(
     dataset: str,
     methods: list[str] | str,
@@ -169,6 +186,11 @@ def run_benchmark(
     prompts = load_dataset(dataset, subsets, limit)
     out = Path(out)
     model_id = "embedded" if model is None else str(model)
+
+    early = _local_model_height(model, size)
+    if early is not None:  # refuse before the (slow) pipeline load when the folder says enough
+        check_folder(out, {"dataset": dataset, "model": model_id, "steps": steps, "guidance": guidance,
+                           "height": early, "width": early, "dtype": dtype}, force)
 
     state = distributed_state(device)
     if state.num_processes > 1 and str(device).startswith("cuda"):
