@@ -159,18 +159,14 @@ def explain(
             return {}
 
         call = dict(pipeline_kwargs, callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
-        reg.state.observers.append(recorder)
-        try:
-            with _x0_capture(pipe, latents, steps_shown, enabled=preview == "x0"):
-                start = time.perf_counter()
-                if run == "vanilla":
-                    result = reg.run(prompt, None, generator=_generator(seed), **call)
-                else:
-                    result = reg(prompt, targets=info["targets"], generator=_generator(seed), **call)
-                seconds[run] = time.perf_counter() - start
-        finally:
-            reg.state.observers.remove(recorder)
-        recorders[run], images[run] = recorder.finish(), result.images[0]
+        with recorder.attached(reg), _x0_capture(pipe, latents, steps_shown, enabled=preview == "x0"):
+            start = time.perf_counter()
+            if run == "vanilla":
+                result = reg.run(prompt, None, generator=_generator(seed), **call)
+            else:
+                result = reg(prompt, targets=info["targets"], generator=_generator(seed), **call)
+            seconds[run] = time.perf_counter() - start
+        recorders[run], images[run] = recorder, result.images[0]
         previews[run] = [decode_latents(pipe, latents[s]) if s in latents else None for s in steps_shown]
 
     numbers = _numbers(prompt, info, seed, steps, edit_steps, steps_shown, violin_steps, layers, words,

@@ -5,11 +5,8 @@ computes the attention probabilities explicitly only where some observer (or the
 them, so a recorder costs nothing on the layers and steps it does not record.
 
     recorder = AttentionRecorder(steps=[0, 24], tokens=[5, 7], stats_steps="all", values_steps=[0, 24])
-    reg.state.observers.append(recorder)
-    try:
+    with recorder.attached(reg):                    # reg: an AttentionRegulator
         reg.run(prompt, None, generator=g)          # vanilla; reg(prompt, targets=...) for regulated
-    finally:
-        reg.state.observers.remove(recorder)
     recorder.maps[24]      # (n_images, n_tokens, R, R) float32 on the CPU
     recorder.stats[24]     # {"mean", "max", "p90"}: (n_images, n_tokens) each
     recorder.values[24]    # (n_images, n_tokens, R * R): the raw per-pixel values (violin plots)
@@ -22,6 +19,7 @@ that same aggregate (at R = 16 on SD's 16 x 16 layers: the layers' own pixels).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -176,6 +174,21 @@ class AttentionRecorder:
             n_stats = len(self.stats_steps)
         per_image_token = 4 * (len(self.steps) * pixels + len(self.values_steps) * pixels + len(STATISTICS) * n_stats)
         return per_image_token * n_tokens * n_images
+
+    @contextmanager
+    def attached(self, regulator):
+        """Observe the calls of `regulator` (an AttentionRegulator) inside the `with` block:
+
+            with recorder.attached(reg):
+                reg.run(prompt, None, generator=g)   # or reg(prompt, targets=...)
+        """
+        observers = regulator.state.observers
+        observers.append(self)
+        try:
+            yield self
+        finally:
+            observers.remove(self)
+            self.finish()
 
     # -- the observer protocol ------------------------------------------------------------------
     def wants_step(self, step: int) -> bool:

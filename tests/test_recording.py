@@ -26,13 +26,10 @@ def gen():
 
 
 def recorded(reg, recorder, targets=None, vanilla=False, **extra):
-    reg.state.observers.append(recorder)
-    try:
+    with recorder.attached(reg):
         if vanilla:
             return reg.run(PROMPT, None, generator=gen(), **CALL, **extra).images
         return reg(PROMPT, targets=targets, generator=gen(), **CALL, **extra).images
-    finally:
-        reg.state.observers.remove(recorder)
 
 
 def test_shapes_statistics_and_memory_bound(pipe):
@@ -131,6 +128,15 @@ def test_explicit_path_only_for_recorded_layers_and_steps(pipe, monkeypatch):
     rec = AttentionRecorder(layers=[layers[-1]], steps=[3])
     recorded(reg, rec, targets=["cat"])
     assert sorted(calls) == sorted([(layers[0], 0), (layers[-1], 3)])
+
+
+def test_attached_detaches_on_error(pipe):
+    reg = AttentionRegulator(pipe)
+    rec = AttentionRecorder(steps=[0])
+    with pytest.raises(ValueError):
+        with rec.attached(reg):
+            reg("a cat", targets=["zebra"], **CALL)
+    assert reg.state.observers == []
 
 
 def test_bad_arguments():
