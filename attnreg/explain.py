@@ -30,6 +30,7 @@ RUNS = ("vanilla", "regulated")
 RUN_LABELS = {"vanilla": "Original", "regulated": "Attention Regulation"}
 PAPER_STEPS_SHOWN = (0, 5, 15, 25, 35, 49)  # Figure 3, 50 steps
 FILES = ("maps.png", "stats.png", "compare.png", "explain.json")
+MAP_SCALES = ("panel", "figure")  # colour range of each map in maps.png: its own, or one for the figure
 
 
 @dataclass
@@ -93,6 +94,7 @@ def explain(
     record_layers: list[str] | None = None,
     resolution: int | tuple[int, int] = 16,
     preview: str = "latents",
+    map_scale: str = "panel",
     **pipeline_kwargs,
 ) -> Explanation:
     """Run `prompt` plainly and regulated from the same seed, recording the cross-attention.
@@ -104,11 +106,14 @@ def explain(
     resolution: side of the recorded maps (the height, for a non-square image), or (height, width).
     preview: "latents" decodes the current latents after each shown step (as Figure 3), "x0" the
         scheduler's prediction of the clean sample where it gives one (DDIM, Euler, ...).
+    map_scale: "panel" (each map its own colour range, as the paper) or "figure" (one range for all).
     out: a folder to write the four files to (None: nothing written).
     Every other keyword goes to the pipeline (num_inference_steps, guidance_scale, height, ...).
     """
     if preview not in ("latents", "x0"):
         raise ValueError(f"preview must be 'latents' or 'x0', got {preview!r}")
+    if map_scale not in MAP_SCALES:
+        raise ValueError(f"map_scale must be one of {', '.join(MAP_SCALES)}, got {map_scale!r}")
     for name in ("generator", "callback_on_step_end", "callback_on_step_end_tensor_inputs", "output_type", "prompt_embeds"):
         if name in pipeline_kwargs:
             raise ValueError(f"explain sets {name} itself (one image from `seed`, PIL output); do not pass it")
@@ -178,7 +183,7 @@ def explain(
         violin_steps=violin_steps, layers=layers, tokens=words, images=images, previews=previews,
         recorders=recorders, numbers=numbers, diagnosis=diagnosis,
     )
-    ex.maps_figure = maps_figure(ex)
+    ex.maps_figure = maps_figure(ex, map_scale)
     ex.stats_figure = stats_figure(ex)
     from .cli import side_by_side
 
@@ -320,11 +325,21 @@ def diagnose(recorders, words, per_word: dict, violin_steps) -> list[str]:
 
 
 # -- the figures --------------------------------------------------------------------------------
-def maps_figure(ex: Explanation):
-    """Figure 3's layout: per run, a row of intermediate images, then a row per target token."""
+def maps_figure(ex: Explanation, scale: str = "panel"):
+    """Figure 3's layout: per run, a row of intermediate images, then a row per target token.
+
+    scale: "panel" stretches each map's colours over its own range (as the paper's figure seems to);
+    "figure" uses one range for every map, so a collapsed token also looks weak. Either way each map
+    is labelled with its peak value."""
     from matplotlib.figure import Figure
 
+    if scale not in MAP_SCALES:
+        raise ValueError(f"map scale must be one of {', '.join(MAP_SCALES)}, got {scale!r}")
     targets = [(i, t) for i, t in zip(ex.targets["indices"], ex.targets["tokens"])]
+    vmax = None
+    if scale == "figure":
+        vmax = max(float(rec.maps[s][0, rec.token_index(i)].max()) for rec in ex.recorders.values()
+                   for s in ex.steps_shown if s in rec.maps for i, _ in targets)
     n_cols, per_run = len(ex.steps_shown), 1 + len(targets)
     fig = Figure(figsize=(1.5 * n_cols + 1.6, 1.55 * 2 * per_run + 1.0), layout="constrained")
     grid = fig.add_gridspec(2, 1)
@@ -343,7 +358,10 @@ def maps_figure(ex: Explanation):
             for r, (index, text) in enumerate(targets, start=1):
                 ax = fig.add_subplot(sub[r, c])
                 if step in recorder.maps:
-                    ax.imshow(recorder.maps[step][0, recorder.token_index(index)].numpy(), cmap="viridis")
+                    m = recorder.maps[step][0, recorder.token_index(index)].numpy()
+                    ax.imshow(m, cmap="viridis", vmin=0 if vmax else None, vmax=vmax)
+                    ax.text(0.03, 0.97, f"{m.max():.2f}", transform=ax.transAxes, ha="left", va="top",
+                            fontsize=7, color="white")
                 _bare(ax)
                 if c == n_cols - 1:
                     ax.yaxis.set_label_position("right")
@@ -431,7 +449,7 @@ def cmd_explain(args) -> int:
     out = Path(args.out) if args.out else Path("outputs") / f"explain_{slug(args.prompt)}_seed{args.seed}"
     ex = explain(
         pipe, args.prompt, targets=split_list(args.targets), seed=args.seed, steps_shown=steps_shown,
-        config=config, out=out, violin_steps=violin_steps, preview=args.preview,
+        config=config, out=out, violin_steps=violin_steps, preview=args.preview, map_scale=args.map_scale,
         record_layers=split_list(args.record_layers), **call,
     )
     for line in ex.diagnosis:
@@ -463,6 +481,8 @@ def register(subparsers) -> None:
     p.add_argument("--record-layers", default=None, help="blocks or attn2 modules to record (default: the edited ones)")
     p.add_argument("--preview", default="latents", choices=["latents", "x0"],
                    help="intermediate images: the current latents (default, as in the paper) or the x0 prediction")
+    p.add_argument("--map-scale", default="panel", choices=list(MAP_SCALES),
+                   help="colours of the maps: each its own range (panel, default, as the paper) or one for all (figure)")
     p.add_argument("--out", default=None, help="output folder (default: outputs/explain_<prompt>_seed<N>)")
     add_regulation_args(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -74,6 +74,9 @@ def test_explanation_numbers(explained, pipe):
     from matplotlib.figure import Figure
 
     assert isinstance(ex.maps_figure, Figure) and isinstance(ex.stats_figure, Figure)
+    from attnreg.explain import maps_figure
+
+    assert isinstance(maps_figure(ex, "figure"), Figure)
     assert all(len(ex.previews[r]) == STEPS and all(ex.previews[r]) for r in ("vanilla", "regulated"))
     assert ex.recorders["vanilla"].map(3).shape == (1, 7, 16, 16)
     # what was kept: 4 shown steps and 2 violin steps of 16 x 16 maps, 3 statistics at 4 steps, 7 tokens
@@ -91,6 +94,8 @@ def test_explain_rejects_bad_input(pipe):
         explain(pipe, PROMPT, targets=["glasses"], generator=torch.Generator(), num_inference_steps=STEPS)
     with pytest.raises(ValueError, match="not in the prompt"):
         explain(pipe, PROMPT, targets=["zebra"], num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="map_scale"):
+        explain(pipe, PROMPT, targets=["glasses"], map_scale="row", num_inference_steps=STEPS)
     with pytest.raises(ValueError, match="preview"):
         explain(pipe, PROMPT, targets=["glasses"], preview="noise", num_inference_steps=STEPS)
 
