@@ -54,7 +54,6 @@ def test_cli_ablate(saved_model, tmp_path, capsys):
     assert all(r["n"] == 1 and r["fidelity"]["kind"] == "rate" for r in data["rows"])
 
 
-@pytest.mark.slow
 def test_cli_ablate_resumes(saved_model, tmp_path):
     out = tmp_path / "abl"
     assert main(ablate_argv(saved_model, out, "0-1")) == 0

@@ -137,7 +137,6 @@ def test_cli_explain_errors(saved_model, tmp_path, capsys):
     assert code == 2 and "zebra" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_explain_sdxl_and_non_square(tmp_path):
     from diffusers import DPMSolverMultistepScheduler
 
