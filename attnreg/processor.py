@@ -1,8 +1,10 @@
 """The diffusers side: an attention processor that regulates the selected cross-attention layers.
 
 It speaks diffusers' processor protocol. On a layer and step that is neither edited nor recorded it
-hands the call to the layer's own processor untouched (SDPA stays fast); elsewhere it computes the
-attention once, explicitly, because the probabilities must be seen and changed.
+hands the call to the layer's own processor untouched (SDPA stays fast). On an edited one it computes
+the attention once, explicitly, because the probabilities must be changed. On one that is only
+recorded, the layer's own processor still gives the output (so recording never changes the image) and
+the probabilities are computed beside it for the observers.
 """
 
 from __future__ import annotations
