@@ -97,7 +97,7 @@ class AttentionRecorder:
     def finish(self) -> "AttentionRecorder":
         """Close the step being recorded (done by every reader below; harmless to call twice)."""
         if self._sum is not None:
-            step, mean = self._sum_step, self._sum / self._count
+            step, mean = self._sum_step, (self._sum / self._count).cpu()
             if step in self.steps:
                 self._maps[step] = mean.clone()
             if self._wants_stats(step):
@@ -214,14 +214,14 @@ class AttentionRecorder:
             cond = probs[batch // 2 :]
         else:
             cond = probs
-        cond = cond.mean(dim=1)  # heads
         if self.tokens is not None:
             cond = cond[..., self.tokens]
+        cond = cond.mean(dim=1)  # heads
         h, w = state.map_shape(n_pixels)
         maps = cond.transpose(1, 2).reshape(cond.shape[0], cond.shape[2], h, w).float()
         if (h, w) != self.resolution:
             maps = F.interpolate(maps, size=self.resolution, mode="bilinear", align_corners=False)
-        maps = maps.cpu()
+        # The running sum stays on the pipeline's device (one transfer per step, in finish()).
         if self._sum is None:
             self._sum, self._sum_step, self._count = maps, step, 0
         else:
