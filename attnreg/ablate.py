@@ -176,8 +176,9 @@ def figure(result: Ablation):
     xs = [float(r["value"]) for r in rows] if numeric else list(range(len(rows)))
     for ax, key, title in ((axes[0], "fidelity", result.fidelity), (axes[1], "seconds", "seconds per image")):
         ys = [r[key]["value"] for r in rows]
-        lo = [r[key]["value"] - r[key]["low"] if not math.isnan(r[key]["low"]) else 0 for r in rows]
-        hi = [r[key]["high"] - r[key]["value"] if not math.isnan(r[key]["high"]) else 0 for r in rows]
+        # max(0, ...): a Wilson bound can sit a rounding error on the wrong side of a rate of 0 or 1
+        lo = [max(0.0, r[key]["value"] - r[key]["low"]) if not math.isnan(r[key]["low"]) else 0 for r in rows]
+        hi = [max(0.0, r[key]["high"] - r[key]["value"]) if not math.isnan(r[key]["high"]) else 0 for r in rows]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label="attnreg")
         if sd is not None and sd[key]["n"]:
             ax.axhline(sd[key]["value"], color="gray", linestyle="--", label="sd")

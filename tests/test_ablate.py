@@ -70,3 +70,14 @@ def test_cli_ablate_resumes(saved_model, tmp_path):
 def test_cli_ablate_bad_values(capsys):
     assert main(["ablate", "--param", "iterations", "--values", "0"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_figure_tolerates_rounded_interval_bounds():
+    from attnreg.ablate import Ablation, figure
+
+    def s(value, low, high):
+        return {"kind": "rate", "value": value, "low": low, "high": high, "n": 4}
+
+    rows = [{"value": "sd", "n": 4, "fidelity": s(0.0, 1e-17, 0.5), "seconds": s(1.0, 0.9, 1.1)},
+            {"value": "5", "n": 4, "fidelity": s(1.0, 0.5, 1.0 - 1e-17), "seconds": s(1.2, 1.1, 1.3)}]
+    assert figure(Ablation("edit_steps", [5], "detect.success", rows)) is not None
