@@ -118,7 +118,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_tokens(args) -> int:
-    from .tokens import format_tokens, token_table
+    from .tokens import token_table
 
     if args.model:
         from transformers import CLIPTokenizer

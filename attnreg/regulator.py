@@ -7,7 +7,6 @@ import json
 import warnings
 from pathlib import Path
 
-import torch
 
 from .config import RegulationConfig
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState

@@ -3,20 +3,10 @@
 import json
 
 import pytest
-import torch
 
 from attnreg.ablate import label, parse_values
 from attnreg.cli import main
 from attnreg.testing import tiny_sd_pipeline
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other jobs: one thread is many times faster than two oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_parse_values():

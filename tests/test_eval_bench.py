@@ -3,7 +3,6 @@ report, resuming after SIGKILL, refusing mixed configurations, and 2 processes =
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,16 +26,6 @@ DATA = ["--dataset", "ae", "--subsets", "animal-animal,object-object", "--limit"
 TIMING = {"seconds", "peak_memory_bytes", "peak_memory_kind", "process", "processes", "time", "device"}
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other jobs: one thread is many times faster than two oversubscribed ones."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):

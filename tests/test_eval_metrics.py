@@ -12,16 +12,6 @@ from attnreg.eval.testing import tiny_blip, tiny_clip, tiny_owl
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other jobs: one thread is many times faster than two oversubscribed ones."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def fake_bench(out, methods=("sd", "attnreg"), prompts=("a cat and a dog", "a red apple with a crown"), seeds=(0, 1),
                dataset="ae"):
     """A benchmark folder with random images and plausible records (no generation)."""

@@ -15,15 +15,6 @@ PROMPT = "a painting of an elephant with glasses"  # 1 a .. 5 elephant, 6 with, 
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other jobs: one thread is many times faster than two oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_sd_pipeline()

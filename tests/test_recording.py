@@ -16,15 +16,6 @@ STEPS = 4
 CALL = dict(num_inference_steps=STEPS, guidance_scale=7.5, output_type="np")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other jobs: one thread is many times faster than two oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_sd_pipeline()

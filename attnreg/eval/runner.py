@@ -8,7 +8,6 @@ Resumable (finished items are skipped), sharded across processes under `accelera
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import sys
