@@ -223,7 +223,7 @@ def _interval(s: dict) -> str:
 
 
 def register(subparsers) -> None:
-    from .cli import add_model_args
+    from .cli import add_model_args, add_sampling_args
 
     p = subparsers.add_parser(
         "ablate", help="sweep one regulation parameter with the benchmark runner and plot fidelity and time (Fig. 5)",
@@ -238,9 +238,7 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", default="0-7")
     p.add_argument("--limit", type=int, default=10, help="prompts per subset (default 10)")
     add_model_args(p)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--size", type=int, default=None)
+    add_sampling_args(p)
     p.add_argument("--metrics", default="auto", help="metrics to score (default: the fidelity's metric)")
     p.add_argument("--fidelity", default=None, help="METRIC.FIELD plotted (default: detect.success on shapes, clip.full otherwise)")
     p.add_argument("--clip-model", default=None, help="CLIP id or folder for the clip metric")

@@ -29,6 +29,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The pipeline-call options every sub-command that generates shares."""
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+
+
 def add_regulation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="paper", help="regulation preset (default: paper)")
     p.add_argument("--layers", default=None, help="comma-separated blocks or attn2 modules to edit (default: the model's)")
@@ -148,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--targets", default=None, help="comma-separated target words (default: the prompt's nouns)")
     add_model_args(g)
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    add_sampling_args(g)
     g.add_argument("-n", type=int, default=1, help="images per prompt")
     g.add_argument("--out", default="outputs")
     g.add_argument("--compare", action="store_true", help="also write the unregulated image and a side-by-side")

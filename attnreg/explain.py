@@ -460,7 +460,7 @@ def cmd_explain(args) -> int:
 
 
 def register(subparsers) -> None:
-    from .cli import add_model_args, add_regulation_args
+    from .cli import add_model_args, add_regulation_args, add_sampling_args
 
     p = subparsers.add_parser(
         "explain", help="record the cross-attention of a plain and a regulated run and plot it (Figs. 2, 3)",
@@ -471,9 +471,7 @@ def register(subparsers) -> None:
     p.add_argument("--targets", default=None, help="comma-separated target words (default: the prompt's nouns)")
     add_model_args(p)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    add_sampling_args(p)
     p.add_argument("--steps-shown", default=None,
                    help="comma-separated steps of maps.png (default: 0,5,15,25,35,49 scaled to --steps)")
     p.add_argument("--violin-steps", default=None,

@@ -48,6 +48,7 @@ def cmd_report(args) -> int:
 
 
 def register(sub) -> None:
+    from ..cli import add_sampling_args
     from .datasets import DATASETS
     from .methods import METHODS
     from .metrics import METRICS
@@ -65,9 +66,7 @@ def register(sub) -> None:
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--metrics", default="auto",
                    help=f"comma-separated, from: {', '.join(METRICS)}; none; auto (default: detect for shapes, clip otherwise)")
-    b.add_argument("--steps", type=int, default=50)
-    b.add_argument("--guidance", type=float, default=7.5)
-    b.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    add_sampling_args(b)
     b.add_argument("--limit", type=int, default=None, help="at most N prompts per subset")
     b.add_argument("--device", default="cpu", help="cpu, cuda, ... (each process takes its own GPU when distributed)")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
