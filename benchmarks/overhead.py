@@ -60,15 +60,21 @@ def sd15_pipeline(device: str, dtype: torch.dtype):
     return pipe.to(device, dtype)
 
 
+# Reshapes that never launch a kernel, though their schema does not mark them as views.
+NO_KERNEL = {"aten._unsafe_view", "aten.reshape", "aten.contiguous"}
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts every ATen operator call (each is at least one kernel launch on a GPU)."""
+    """Counts ATen operator calls that compute (each is at least one kernel launch on a GPU); view
+    operations (permute, unsqueeze, select, ...) are counted apart, since they launch nothing."""
 
     def __init__(self):
         super().__init__()
-        self.counts = Counter()
+        self.counts, self.views = Counter(), Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
+        name = str(func.overloadpacket)
+        (self.views if func.is_view or name in NO_KERNEL else self.counts)[name] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -92,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--preset", default="paper")
     p.add_argument("--no-count", action="store_true", help="skip the operator count (slow on CPU)")
+    p.add_argument("--no-time", action="store_true", help="only count operators (no warm-up, no timed runs)")
     args = p.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -103,11 +110,12 @@ def main(argv=None) -> int:
         "attnreg": lambda g: reg(PROMPT, targets=TARGETS, generator=g, **call),
     }
 
-    methods["sd"](torch.Generator("cpu").manual_seed(0))  # warm-up (allocations, kernels)
-    methods["attnreg"](torch.Generator("cpu").manual_seed(0))
     times = {m: [] for m in methods}
     memory = {}
-    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+    if not args.no_time:
+        methods["sd"](torch.Generator("cpu").manual_seed(0))  # warm-up (allocations, kernels)
+        methods["attnreg"](torch.Generator("cpu").manual_seed(0))
+    for _ in range(0 if args.no_time else args.repeats):  # interleaved, so drift hits both alike
         for name, run in methods.items():
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
@@ -118,28 +126,31 @@ def main(argv=None) -> int:
             times[name].append(time.perf_counter() - start)
             memory[name] = peak_memory_mb(args.device)
 
-    ops = {}
+    ops, views = {}, {}
     if not args.no_count:
         for name, run in methods.items():
             with OpCounter() as counter:
                 run(torch.Generator("cpu").manual_seed(0))
-            ops[name] = sum(counter.counts.values())
+            ops[name], views[name] = sum(counter.counts.values()), sum(counter.views.values())
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
-    base = statistics.median(times["sd"])
+    fmt = lambda x: f"{x:.3f}" if x is not None else "-"  # noqa: E731
+    med = {m: statistics.median(t) if t else None for m, t in times.items()}
     print(f"# overhead: SD 1.5-shaped UNet, {args.size}x{args.size}, {args.steps} steps ({args.steps // 2} edited, "
           f"{len(reg.layers)} layers), guidance 7.5, {args.dtype}, {args.device} ({device_name}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| method | s / image (median) | min | max | ratio vs sd | peak memory MB | ATen ops / image | extra ops |")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {0 if args.no_time else args.repeats}")
+    print("| method | s / image (median) | min | max | ratio vs sd | peak memory MB | ATen compute ops / image | extra ops |")
     print("|---|---|---|---|---|---|---|---|")
     for name in methods:
         t = times[name]
-        extra = ops[name] - ops["sd"] if ops else None
-        print(f"| {name} | {statistics.median(t):.3f} | {min(t):.3f} | {max(t):.3f} | {statistics.median(t) / base:.3f} | "
-              f"{memory[name]:.0f} | {ops.get(name, '-')} | {extra if extra is not None else '-'} |")
+        ratio = med[name] / med["sd"] if t else None
+        extra = ops[name] - ops["sd"] if ops else "-"
+        print(f"| {name} | {fmt(med[name])} | {fmt(min(t) if t else None)} | {fmt(max(t) if t else None)} | {fmt(ratio)} | "
+              f"{memory.get(name, float('nan')):.0f} | {ops.get(name, '-')} | {extra} |")
     if ops:
         edited_calls = (args.steps // 2) * len(reg.layers)
-        print(f"extra ATen ops per edited layer call: {(ops['attnreg'] - ops['sd']) / edited_calls:.0f}")
+        print(f"extra ATen compute ops per edited layer call: {(ops['attnreg'] - ops['sd']) / edited_calls:.0f} "
+              f"(views, not counted: sd {views['sd']}, attnreg {views['attnreg']} per image)")
     return 0
 
 
