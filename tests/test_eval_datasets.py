@@ -100,3 +100,13 @@ def test_shapes_set():
     assert load_dataset("shapes", subsets=["2obj"], limit=2) == [p for p in items if p.subset == "2obj"][:2]
     with pytest.raises(DatasetError, match="1obj"):
         load_dataset("shapes", subsets=["4obj"])
+
+
+
+def test_bar_chart_accepts_rates_of_zero(tmp_path):
+    # at a rate of 0 the Wilson lower bound can exceed the rate by rounding; the chart must not fail
+    from attnreg.eval.report import _bar_chart
+
+    cell = {"value": 0.0, "low": 1e-17, "high": 0.138}
+    table = {("shapes", "2obj", "sd"): {"detect.success": cell}, ("shapes", "2obj", "attnreg"): {"detect.success": cell}}
+    assert _bar_chart(tmp_path, table, ["detect.success"]).is_file()

@@ -173,8 +173,9 @@ def _bar_chart(out: Path, table: dict, columns: list[str]) -> Path:
                 ys.append(cell["value"])
                 lo = cell["low"] if not math.isnan(cell["low"]) else cell["value"]
                 hi = cell["high"] if not math.isnan(cell["high"]) else cell["value"]
-                err[0].append(cell["value"] - lo)
-                err[1].append(hi - cell["value"])
+                # max(0, .): at a rate of 0 or 1 the Wilson bound equals the rate up to rounding
+                err[0].append(max(0.0, cell["value"] - lo))
+                err[1].append(max(0.0, hi - cell["value"]))
             ax.bar(xs, ys, width, yerr=err, capsize=3, label=m)
         ax.set_xticks(range(len(subsets)), [s for _, s in subsets], rotation=20, fontsize=8)
         ax.set_title(col, fontsize=9)
