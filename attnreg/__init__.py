@@ -1,11 +1,13 @@
 """attnreg: Attention Regulation (Zhang et al., ECCV 2024) for diffusers text-to-image pipelines."""
 
 from .config import ConfigError, RegulationConfig, PRESETS
+from .recording import AttentionRecorder
 from .regulator import AttentionRegulator, GuidanceError, LayerError, UnsupportedPipelineError
 from .tokens import TargetError
 
 __all__ = [
     "AttentionRegulator",
+    "AttentionRecorder",
     "RegulationConfig",
     "PRESETS",
     "ConfigError",
