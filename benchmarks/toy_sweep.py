@@ -142,7 +142,7 @@ def cmd_bench(args):
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            if r["steps"] == args.steps and r["seeds"] == args.seeds:
+            if r["steps"] == args.steps and r["seeds"] == args.seeds and r.get("seed_start", 0) == args.seed_start:
                 done.add((r["config"], r["prompt"]))
     img_dir = Path(args.images) if args.images else None
     for cfg_name in args.configs.split(","):
@@ -152,7 +152,7 @@ def cmd_bench(args):
             if (cfg_name, prompt) in done:
                 continue
             targets = prompt_targets(prompt)
-            gens = [torch.Generator("cpu").manual_seed(s) for s in range(args.seeds)]
+            gens = [torch.Generator("cpu").manual_seed(s) for s in range(args.seed_start, args.seed_start + args.seeds)]
             kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=64, width=64,
                       num_images_per_prompt=args.seeds, generator=gens)
             t0 = time.perf_counter()
@@ -163,10 +163,10 @@ def cmd_bench(args):
                 d = img_dir / cfg_name
                 d.mkdir(parents=True, exist_ok=True)
                 for s, im in enumerate(images):
-                    im.save(d / f"{prompt.replace(' ', '_')}_s{s}.png")
+                    im.save(d / f"{prompt.replace(' ', '_')}_s{args.seed_start + s}.png")
             rec = {
                 "config": cfg_name, "overrides": overrides, "prompt": prompt, "targets": targets,
-                "steps": args.steps, "seeds": args.seeds, "seconds": secs,
+                "steps": args.steps, "seeds": args.seeds, "seed_start": args.seed_start, "seconds": secs,
                 "success": [bool(x["success"]) for x in scores],
                 "shapes_present": [bool(x["shapes_present"]) for x in scores],
                 "extra_objects": [int(x["extra_objects"]) for x in scores],
@@ -186,15 +186,19 @@ def summarise(path, steps, seeds):
         r = json.loads(line)
         if r["steps"] == steps and r["seeds"] == seeds:
             by[r["config"]].append(r)
-    print(f"\n| config | prompts | success | shapes present | mean detected | s / image |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| config | prompts | success | shapes present | mean detected | s / image | paired vs vanilla: only config / only vanilla |")
+    print("|---|---|---|---|---|---|---|")
     for c, rs in by.items():
         n = sum(len(r["success"]) for r in rs)
         ok = sum(sum(r["success"]) for r in rs)
         sp = sum(sum(r["shapes_present"]) for r in rs)
         det = sum(sum(r["n_detected"]) for r in rs) / n
         sec = sum(r["seconds"] for r in rs) / n
-        print(f"| {c} | {len(rs)} | {ok}/{n} ({100 * ok / n:.1f} %) | {sp}/{n} ({100 * sp / n:.1f} %) | {det:.2f} | {sec:.2f} |")
+        # paired with vanilla on the same (prompt, seed): (config wins, vanilla wins) on success
+        van = {r["prompt"]: r["success"] for r in by.get("vanilla", [])}
+        win = sum(a and not b for r in rs if r["prompt"] in van for a, b in zip(r["success"], van[r["prompt"]]))
+        loss = sum(b and not a for r in rs if r["prompt"] in van for a, b in zip(r["success"], van[r["prompt"]]))
+        print(f"| {c} | {len(rs)} | {ok}/{n} ({100 * ok / n:.1f} %) | {sp}/{n} ({100 * sp / n:.1f} %) | {det:.2f} | {sec:.2f} | {win} / {loss} |")
 
 
 @torch.no_grad()
@@ -273,6 +277,7 @@ def main():
     b.add_argument("--model", default="/tmp/toy_snapshot")
     b.add_argument("--prompts", type=int, default=12)
     b.add_argument("--seeds", type=int, default=16)
+    b.add_argument("--seed-start", type=int, default=0, help="noise seeds seed_start .. seed_start + seeds - 1")
     b.add_argument("--steps", type=int, default=50)
     b.add_argument("--configs", default="vanilla,paper")
     b.add_argument("--out", default="runs/toy_sweep/bench.jsonl")
