@@ -49,6 +49,7 @@ CONFIGS: dict[str, dict | None] = {
     "eps1": {"epsilon": 1.0},
     "eps10": {"epsilon": 10.0},
     "eps100": {"epsilon": 100.0},
+    "scaled_mild_8": {"high_target": 0.2, "per_target_share": 0.1, "layers": LAYERS8},
     "scaled_edit10": {"high_target": 0.1, "per_target_share": 0.05, "edit_steps": 10},
     "scaled_lr10": {"high_target": 0.1, "per_target_share": 0.05, "lr": 10.0},
 }
