@@ -91,7 +91,6 @@ def test_clip_conventions():
 
 
 def test_shapes_set():
-    pytest.importorskip("attnreg.toy.prompts")
     assert len(load_dataset("shapes", subsets=["1obj"])) == 18  # all distinct one-shape prompts
     items = load_dataset("shapes", limit=3)
     assert Counter(p.subset for p in items) == {"1obj": 3, "2obj": 3, "3obj": 3}

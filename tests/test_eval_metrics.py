@@ -87,7 +87,6 @@ def test_bad_metric_names(tmp_path):
 
 
 def test_detect_on_shapes_records(tmp_path):
-    toy = pytest.importorskip("attnreg.toy")
     from attnreg.toy.world import caption, random_scene, render
 
     scene = random_scene(0, 2)

@@ -1,7 +1,6 @@
 """The shipped toy pipeline (offline) and the training code on a tiny config."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -21,7 +21,6 @@ EMA, optimiser, step) is written and the EMA pipeline is exported with ``save_pr
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -29,14 +28,14 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import COLOUR_NAMES, SHAPES, Obj, caption, random_scene, render
+from .world import COLOUR_NAMES, SHAPES, caption, random_scene, render
 
 PHASES = ("vae", "latents", "unet")
 _STOP = {"flag": False}
