@@ -41,7 +41,7 @@ class RegulationState:
     generator: torch.Generator | None = None
     previous_best: dict = field(default_factory=dict)  # (layer, targets) -> weights of last step
     observers: list = field(default_factory=list)  # e.g. an attention recorder, see recording.py
-    stats: dict = field(default_factory=dict)  # (layer, step) -> (initial loss, best loss), 0-d tensors
+    stats: dict = field(default_factory=dict)  # (layer, step, targets) -> (initial loss, best loss), 0-d tensors
     _bases: dict = field(default_factory=dict)
 
     def start(self, plan: CallPlan | None) -> None:
@@ -189,6 +189,7 @@ class RegulatedAttnProcessor:
                 eos = torch.tensor([plan.image_eos[i] for i in images], device=s.device).repeat_interleave(heads)
                 original = probs[rows].reshape_as(p)
                 p[..., 0] = original[..., 0]
-                p[torch.arange(p.shape[0], device=s.device), :, eos] = original[torch.arange(p.shape[0], device=s.device), :, eos]
+                b = torch.arange(p.shape[0], device=s.device)
+                p[b, :, eos] = original[b, :, eos]
             probs[rows] = p.reshape(len(rows), heads, n_pixels, -1)
         return probs

@@ -176,11 +176,11 @@ class AttentionRegulator:
             return self.pipe(prompt=prompt, **kwargs)
 
         per_image = kwargs.get("num_images_per_prompt", 1) or 1
-        tok = self.pipe.tokenizer
+        eos = [eos_index(self.pipe.tokenizer, r["prompt"]) for r in resolved]  # once per prompt, not per image
         plan = CallPlan(
             n_images=len(prompts) * per_image,
             image_targets=[tuple(r["indices"]) for r in resolved for _ in range(per_image)],
-            image_eos=[eos_index(tok, r["prompt"]) for r in resolved for _ in range(per_image)],
+            image_eos=[e for e in eos for _ in range(per_image)],
             edit_steps=edit_steps,
         )
         return self.run(prompt, plan, **kwargs)
