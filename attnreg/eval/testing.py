@@ -15,6 +15,11 @@ WORDS = (
 ).split()
 
 
+# The small transformer every tiny tower shares; text towers add their vocabulary and positions.
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+TINY_VISION = dict(TINY_TOWER, image_size=32, patch_size=8)
+
+
 def _clip_tokenizer():
     from attnreg.tokenizer import load_clip_tokenizer
 
@@ -26,11 +31,9 @@ def tiny_clip(path: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
+        text_config=dict(TINY_TOWER, vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                         eos_token_id=49407, pad_token_id=49407),
+        vision_config=TINY_VISION,
         projection_dim=16,
     )
     CLIPModel(config).eval().save_pretrained(path)
@@ -49,12 +52,10 @@ def tiny_blip(path: str | Path, seed: int = 0) -> Path:
     tokenizer = BertTokenizer(str(path / "vocab.txt"), bos_token="[DEC]")
     torch.manual_seed(seed)
     config = BlipConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64,
+        text_config=dict(TINY_TOWER, vocab_size=len(vocab), encoder_hidden_size=32, max_position_embeddings=64,
                          bos_token_id=vocab.index("[DEC]"), pad_token_id=0, sep_token_id=vocab.index("[SEP]"),
                          eos_token_id=vocab.index("[SEP]")),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
+        vision_config=TINY_VISION,
         projection_dim=16,
     )
     BlipForConditionalGeneration(config).eval().save_pretrained(path)
@@ -68,12 +69,10 @@ def tiny_owl(path: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = Owlv2Config(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=49408, max_position_embeddings=16, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=32  # OWL: must equal the text hidden size,
+        text_config=dict(TINY_TOWER, vocab_size=49408, max_position_embeddings=16, bos_token_id=49406,
+                         eos_token_id=49407, pad_token_id=0),
+        vision_config=TINY_VISION,
+        projection_dim=32,  # OWL: must equal the text hidden size
     )
     Owlv2ForObjectDetection(config).eval().save_pretrained(path)
     image_processor = Owlv2ImageProcessorPil(size={"height": 32, "width": 32})
