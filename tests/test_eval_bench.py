@@ -162,6 +162,8 @@ def test_resume_after_sigkill(tmp_path, model):
         log.close()
     first = {r["key"]: bench_file_mtime(out, r) for r in iter_records(out)}
     assert 2 <= len(first) < 6
+    # seed-major order: what a stopped run finished is every prompt for its first seeds
+    assert sorted(r["seed"] for r in iter_records(out)) == [0, 0, 1, 1, 2, 2][: len(first)]
     # a half-finished item: its image is there, its record is not (killed in between) -> not done
     victim = sorted(first)[0]
     os.remove(out / "records" / f"{victim}.json")

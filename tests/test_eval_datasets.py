@@ -92,6 +92,8 @@ def test_clip_conventions():
 
 def test_shapes_set():
     assert len(load_dataset("shapes", subsets=["1obj"])) == 18  # all distinct one-shape prompts
+    one = load_dataset("shapes", subsets=["1obj"], limit=30)  # a limit past 18 does not repeat prompts
+    assert len(one) == len({p.prompt for p in one}) == 18
     items = load_dataset("shapes", limit=3)
     assert Counter(p.subset for p in items) == {"1obj": 3, "2obj": 3, "3obj": 3}
     for p in items:

@@ -79,7 +79,9 @@ def shapes_prompts(subsets=None, limit: int | None = None) -> list[Prompt]:
     n = SHAPES_DEFAULT_N if limit is None else limit
     items = []
     for name in subsets or SHAPES_SUBSETS:
-        for prompt in make(SHAPES_SUBSETS[name], n, seed=0):
+        # dict.fromkeys: past the world's distinct prompts (18 for 1obj) the generator repeats itself, and a
+        # repeated prompt would be the same items again
+        for prompt in dict.fromkeys(make(SHAPES_SUBSETS[name], n, seed=0)):
             items.append(Prompt(prompt, tuple(targets_of(prompt)), name, "shapes"))
     return items
 

@@ -208,9 +208,11 @@ def run_benchmark(
     made = {name: make_method(name, pipe, **method_options.get(name, {})) for name in methods}
     method_configs = {name: m.config() for name, m in made.items()}
     config_hash = {name: stable_hash(run, name, method_configs[name]) for name in methods}
+    # seed-major: a run stopped part-way has every prompt for its first seeds (a balanced, paired subset)
+    # rather than every seed for its first prompts
     items = [
         Item(p, seed, name, item_key(p.subset, name, p.prompt, seed, config_hash[name], p.targets))
-        for p in prompts for seed in seeds for name in methods
+        for seed in seeds for p in prompts for name in methods
     ]
     # every method of one (prompt, seed) goes to the same process: the shares of work stay even, and
     # methods are timed side by side on the same device
