@@ -111,3 +111,23 @@ def test_bar_chart_accepts_rates_of_zero(tmp_path):
     cell = {"value": 0.0, "low": 1e-17, "high": 0.138}
     table = {("shapes", "2obj", "sd"): {"detect.success": cell}, ("shapes", "2obj", "attnreg"): {"detect.success": cell}}
     assert _bar_chart(tmp_path, table, ["detect.success"]).is_file()
+
+
+def test_paired_comparison_uses_common_pairs_only():
+    from attnreg.eval.report import paired_comparison
+
+    def rec(method, prompt, seed, seconds):
+        return {"key": f"{method}-{prompt}-{seed}", "dataset": "shapes", "subset": "2obj", "method": method,
+                "prompt": prompt, "seed": seed, "seconds": seconds}
+
+    records = [rec("sd", p, s, 1.0) for p in "ab" for s in range(4)]
+    records += [rec("ae", p, s, 3.0) for p in "ab" for s in range(2)]  # a partial run: seeds 0-1 only
+    ok = {("sd", "a", 0): False, ("sd", "a", 1): False, ("sd", "b", 0): True, ("sd", "b", 1): True,
+          ("ae", "a", 0): True, ("ae", "a", 1): True, ("ae", "b", 0): True, ("ae", "b", 1): False}
+    values = {r["key"]: ok.get((r["method"], r["prompt"], r["seed"]), True) for r in records}
+    (key, row), = paired_comparison(records, values).items()
+    assert key == ("shapes", "2obj", "ae")
+    assert row["n"] == 4 and row["base"] == 0.5 and row["rate"] == 0.75  # sd's seeds 2-3 are left out
+    assert (row["wins"], row["losses"]) == (2, 1) and row["diff"] == 0.25
+    assert row["low"] < 0.25 < row["high"] and row["p"] == 1.0  # binomial: 2 of 3 discordant pairs
+    assert row["time_ratio"] == 3.0

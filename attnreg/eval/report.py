@@ -102,6 +102,45 @@ def collect(out: Path) -> tuple[list[dict], dict, list[str]]:
     return records, table, columns
 
 
+def paired_comparison(records: list[dict], values: dict[str, bool], baseline: str = "sd") -> dict[tuple, dict]:
+    """Each method against `baseline` on the (prompt, seed) pairs both have, per (dataset, subset).
+
+    values: {record key: bool} (a success metric). Returns {(dataset, subset, method): {"n", "base", "rate",
+    "diff", "low", "high", "wins", "losses", "p", "time_ratio"}}: rates on the common pairs, the paired
+    difference with a 95 % Wald interval, wins = the method succeeds where the baseline fails, losses the
+    reverse, p = exact two-sided McNemar test on wins vs losses, time_ratio = the method's total seconds /
+    the baseline's on the same pairs. Methods run on fewer seeds (a partial run) are compared fairly this way."""
+    cells: dict[tuple, dict] = defaultdict(dict)  # (dataset, subset, method) -> {(prompt, seed): record}
+    for r in records:
+        if r["key"] in values:
+            cells[(r["dataset"], r["subset"], r["method"])][(r["prompt"], r["seed"])] = r
+    out = {}
+    for (dataset, subset, method), mine in sorted(cells.items()):
+        base = cells.get((dataset, subset, baseline))
+        if method == baseline or not base:
+            continue
+        common = sorted(set(mine) & set(base))
+        if not common:
+            continue
+        a = [bool(values[base[k]["key"]]) for k in common]
+        b = [bool(values[mine[k]["key"]]) for k in common]
+        n = len(common)
+        wins = sum(y and not x for x, y in zip(a, b))
+        losses = sum(x and not y for x, y in zip(a, b))
+        diff = (wins - losses) / n
+        se = math.sqrt(max(0.0, wins + losses - (wins - losses) ** 2 / n)) / n
+        from scipy.stats import binomtest
+
+        p = binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
+        seconds = [sum(float(c[k]["seconds"]) for k in common) for c in (base, mine)]
+        out[(dataset, subset, method)] = {
+            "n": n, "base": sum(a) / n, "rate": sum(b) / n, "diff": diff, "low": diff - Z95 * se,
+            "high": diff + Z95 * se, "wins": wins, "losses": losses, "p": float(p),
+            "time_ratio": seconds[1] / seconds[0] if seconds[0] else math.nan,
+        }
+    return out
+
+
 # The headline value of each metric comes first in the tables and the chart.
 PRIMARY = ("detect.success", "owl.all_found", "clip.full", "clip.min_object", "blip.text_text")
 
@@ -142,6 +181,24 @@ def write_report(out: str | Path) -> Path:
                      f"{mem['max']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    success = next((c for c in PRIMARY if c in columns and c.split(".")[0] in scores), None)
+    if success:
+        metric, field = success.split(".", 1)
+        values = {k: v[field] for k, v in scores[metric]["items"].items() if isinstance(v.get(field), bool)}
+        rows = paired_comparison(records, values)
+        if rows:
+            lines += [f"## Paired with sd ({success})", "",
+                      "On the (prompt, seed) pairs both methods have: rates, the difference with a 95 % Wald "
+                      "interval, wins/losses (this method right where sd is wrong / the reverse), exact McNemar "
+                      "p, and total seconds / those of sd.", "",
+                      "| data set / subset | method | pairs | sd | method | difference | wins / losses | p | time |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for (dataset, subset, m), r in rows.items():
+                lines.append(
+                    f"| {dataset} / {subset} | {m} | {r['n']} | {r['base'] * 100:.1f} % | {r['rate'] * 100:.1f} % | "
+                    f"{r['diff'] * 100:+.1f} pp [{r['low'] * 100:+.1f}, {r['high'] * 100:+.1f}] | "
+                    f"{r['wins']} / {r['losses']} | {r['p']:.2g} | {r['time_ratio']:.2f}x |")
+            lines.append("")
     chart = _bar_chart(out, table, [*columns, "seconds/image"])
     lines += ["## Figures", "", f"![metrics]({chart.name})", ""]
     for (dataset, subset), path in _grids(out, records).items():
