@@ -60,3 +60,19 @@ def test_training_runs_tiny(tmp_path):
     pipe = load_pipeline(path=export)
     img = pipe("a red circle", num_inference_steps=2, output_type="np", height=64, width=64).images[0]
     assert img.shape == (64, 64, 3)
+
+
+def test_training_stop_file_checkpoints_then_resumes(tmp_path):
+    """OUT/STOP stops any phase (the VAE's too) after its current step with a checkpoint; it is consumed,
+    so the same command then resumes and finishes."""
+    from attnreg.toy.train import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "STOP").touch()
+    assert main(["--config", "tiny", "--out", str(out), "--phases", "vae"]) == 0
+    assert torch.load(out / "vae.pt", weights_only=False)["step"] == 1 and not (out / "STOP").exists()
+    assert main(["--config", "tiny", "--out", str(out), "--phases", "vae"]) == 0
+    assert torch.load(out / "vae.pt", weights_only=False)["step"] == 3
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rows if r.startswith("vae")][-1] == "3"

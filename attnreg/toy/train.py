@@ -45,6 +45,16 @@ def _request_stop(signum, frame):  # SIGTERM / SIGINT: checkpoint at the end of 
     _STOP["flag"] = True
 
 
+def stop_requested(out: Path, stop_at: float | None) -> bool:
+    """Every phase's stop check: --max-minutes passed, SIGTERM / Ctrl-C, or the file OUT/STOP. The file is
+    consumed when seen, so the same command resumes afterwards."""
+    if (out / "STOP").exists():
+        (out / "STOP").unlink(missing_ok=True)
+        log("STOP file found (and removed)")
+        _STOP["flag"] = True
+    return bool(stop_at and time.time() > stop_at) or _STOP["flag"]
+
+
 @dataclass
 class Config:
     seed: int = 0
@@ -209,7 +219,8 @@ class LossLog:
 # phase 1: VAE
 
 
-def train_vae(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None) -> None:
+def train_vae(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None) -> bool:
+    """Train (or resume) the VAE; True when stopped early (checkpoint written)."""
     path = out / "vae.pt"
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -222,7 +233,7 @@ def train_vae(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop
         losses.truncate("vae", step)
         log(f"vae: resumed at step {step}")
     if step >= cfg.vae_steps:
-        return
+        return False
     vae.train()
     last_ck, t0, run = time.time(), time.time(), []
     while step < cfg.vae_steps:
@@ -246,13 +257,14 @@ def train_vae(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop
             run = []
             losses.add("vae", step, m, time.time() - t0)
             log(f"vae step {step}/{cfg.vae_steps} loss {m:.5f} ({(time.time() - t0) / step:.2f} s/step this run)")
-        stop = bool(stop_at and time.time() > stop_at) or _STOP["flag"]
+        stop = stop_requested(out, stop_at)
         if time.time() - last_ck > ckpt_seconds or step == cfg.vae_steps or stop:
             atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg)}, path)
             last_ck = time.time()
             if stop:
                 log("vae: stop requested, checkpoint written, exiting")
-                sys.exit(0)
+                return True
+    return False
 
 
 def load_vae(cfg: Config, out: Path):
@@ -268,7 +280,8 @@ SHAPE_IDX = {s: i for i, s in enumerate(SHAPES)}
 COLOUR_IDX = {c: i for i, c in enumerate(COLOUR_NAMES)}
 
 
-def encode_pool(cfg: Config, out: Path, stop_at: float | None) -> None:
+def encode_pool(cfg: Config, out: Path, stop_at: float | None) -> bool:
+    """Render and encode the latent pool chunk by chunk; True when stopped early (finished chunks kept)."""
     d = out / "latents"
     d.mkdir(parents=True, exist_ok=True)
     vae = load_vae(cfg, out)
@@ -292,9 +305,10 @@ def encode_pool(cfg: Config, out: Path, stop_at: float | None) -> None:
                 objs[i, j, 0], objs[i, j, 1] = SHAPE_IDX[o.shape], COLOUR_IDX[o.colour]
         atomic_save({"latents": torch.cat(lat).to(torch.float16), "objects": objs}, p)
         log(f"latents: chunk {c + 1}/{n_chunks} ({(time.time() - t0):.0f} s)")
-        if (stop_at and time.time() > stop_at) or _STOP["flag"]:
+        if stop_requested(out, stop_at):
             log("latents: stop requested, stopping")
-            sys.exit(0)
+            return True
+    return False
 
 
 def load_pool(cfg: Config, out: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -345,7 +359,7 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
         torch._foreach_add_(ema, params, alpha=1 - decay)
 
 
-def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None, export: Path | None) -> None:
+def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None, export: Path | None) -> bool:
     lat, objs, scale = load_pool(cfg, out)
     log(f"unet: pool of {len(lat)} latents, scaling factor {scale:.4f}")
     unet, te = build_unet(cfg), build_text_encoder(cfg)
@@ -410,13 +424,14 @@ def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, sto
             run = []
             losses.add("unet", step, m, time.time() - t0)
             log(f"unet step {step}/{cfg.unet_steps} loss {m:.5f} lr {lr:.2e} ({(time.time() - t0) / (step - start):.2f} s/step this run)")
-        stop = bool(stop_at and time.time() > stop_at) or (out / "STOP").exists() or _STOP["flag"]
+        stop = stop_requested(out, stop_at)
         if time.time() - last_ck > ckpt_seconds or step == cfg.unet_steps or stop:
             checkpoint()
             last_ck = time.time()
             if stop:
                 log("unet: stop requested, checkpoint written, exiting")
-                return
+                return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,12 +569,13 @@ def main(argv=None) -> int:
         export_pipeline(cfg, out, export or Path("attnreg/toy/model"), ema_weights=ck["ema"], losses=losses, step=ck["step"])
         return 0
     phases = a.phases.split(",")
-    if "vae" in phases:
-        train_vae(cfg, out, losses, ckpt_s, stop_at)
-    if "latents" in phases:
-        encode_pool(cfg, out, stop_at)
-    if "unet" in phases:
-        train_unet(cfg, out, losses, ckpt_s, stop_at, export)
+    _STOP["flag"] = False  # a stop belongs to one run
+    for phase, run in (("vae", lambda: train_vae(cfg, out, losses, ckpt_s, stop_at)),
+                       ("latents", lambda: encode_pool(cfg, out, stop_at)),
+                       ("unet", lambda: train_unet(cfg, out, losses, ckpt_s, stop_at, export))):
+        if phase in phases and run():
+            log("stopped; run the same command to resume")
+            return 0
     log("done")
     return 0
 
