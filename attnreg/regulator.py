@@ -166,7 +166,13 @@ class AttentionRegulator:
         if edit_steps > steps:
             raise GuidanceError(f"edit_steps={edit_steps} is larger than num_inference_steps={steps}")
         guidance = kwargs.get("guidance_scale", _default(self.pipe, "guidance_scale"))
-        if guidance <= 1 or getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is not None:
+        if getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is not None:
+            raise GuidanceError(
+                "attnreg edits the conditional half of classifier-free guidance, and this UNet is guidance-"
+                "distilled (unet.config.time_cond_proj_dim is set, as in LCM): its pipeline runs no unconditional "
+                "half at any guidance_scale. Use a UNet without guidance embedding."
+            )
+        if guidance <= 1:
             raise GuidanceError(
                 f"attnreg edits the conditional half of classifier-free guidance; guidance_scale={guidance} "
                 "gives no unconditional half. Use guidance_scale > 1."

@@ -168,6 +168,15 @@ def test_bad_steps_and_guidance(sd):
     assert_untouched(sd, originals)
 
 
+def test_guidance_distilled_unet_is_named():
+    from diffusers import UNet2DConditionModel
+
+    pipe = tiny_sd_pipeline()
+    pipe.register_modules(unet=UNet2DConditionModel.from_config(pipe.unet.config, time_cond_proj_dim=8))
+    with pytest.raises(GuidanceError, match="guidance-distilled.*time_cond_proj_dim"):
+        AttentionRegulator(pipe)("a cat", targets=["cat"], num_inference_steps=2, guidance_scale=7.5)
+
+
 def test_unknown_layer_lists_valid_ones(sd):
     originals = sd.unet.attn_processors
     with pytest.raises(LayerError, match=r"'down_blocks.7'.*valid blocks: down_blocks.1, mid_block, up_blocks.0"):
