@@ -4,7 +4,7 @@
 # Two processes of one thread each (the two cores); resumable: rerun the same command after a stop.
 # The work goes in phases, each a complete block of seeds, so a run stopped anywhere has the same seeds for
 # every method it compares: sd and attnreg on seeds 0-15, Attend-and-Excite (about 3x their cost together)
-# on 0-7, then the remaining seeds. Score and report afterwards:
+# on 0-7, a follow-up on the 8 x 8 layers, then the remaining seeds. Score and report afterwards:
 #   attnreg score OUT --metrics detect && attnreg report OUT
 # Usage: bash benchmarks/shapes_measurement.sh [OUT]   (default runs/shapes-final)
 set -euo pipefail
@@ -17,5 +17,8 @@ bench() {
 }
 bench --methods sd,attnreg --seeds 0-15
 bench --methods attend-and-excite --seeds 0-7
+# a follow-up (toy_regulation_findings.md): the paper loss on the 8 x 8 layers only, two-object prompts; the
+# report labels the two attnreg configurations by their hash
+bench --methods attnreg --subsets 2obj --seeds 0-15 --set 'attnreg.layers=["down_blocks.1","mid_block","up_blocks.0"]'
 bench --methods sd,attnreg --seeds 16-31
 bench --methods attend-and-excite --seeds 8-31
