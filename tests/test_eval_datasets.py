@@ -131,3 +131,9 @@ def test_paired_comparison_uses_common_pairs_only():
     assert (row["wins"], row["losses"]) == (2, 1) and row["diff"] == 0.25
     assert row["low"] < 0.25 < row["high"] and row["p"] == 1.0  # binomial: 2 of 3 discordant pairs
     assert row["time_ratio"] == 3.0
+    # a second configuration of the same method is its own row, not merged into the first
+    records += [{**rec("ae", p, s, 2.0), "key": f"ae2-{p}-{s}", "config_hash": "bbbbbb"} for p in "ab" for s in range(4)]
+    values.update({f"ae2-{p}-{s}": False for p in "ab" for s in range(4)})
+    rows = paired_comparison(records, values)
+    assert sorted(m for _, _, m in rows) == ["ae []", "ae [bbbbbb]"]
+    assert rows[("shapes", "2obj", "ae []")]["rate"] == 0.75 and rows[("shapes", "2obj", "ae [bbbbbb]")]["rate"] == 0.0

@@ -69,10 +69,9 @@ def method_order(names) -> list[str]:
     return [n for n in names if n == "sd"] + [n for n in names if n != "sd"]
 
 
-def collect(out: Path) -> tuple[list[dict], dict, list[str]]:
-    """The records, the table {(dataset, subset, method label): {column: summary}}, and the columns."""
-    records = list(iter_records(out))
-    scores = load_scores(out)
+def method_labels(records: list[dict]):
+    """A function record -> its method's label: the method name, with its configuration hash appended
+    ("attnreg [532d86]") where one (data set, subset) holds that method in several configurations."""
     configs = defaultdict(set)
     for r in records:
         configs[(r["dataset"], r["subset"], r["method"])].add(r.get("config_hash", ""))
@@ -81,6 +80,14 @@ def collect(out: Path) -> tuple[list[dict], dict, list[str]]:
         several = len(configs[(r["dataset"], r["subset"], r["method"])]) > 1
         return f"{r['method']} [{r.get('config_hash', '')}]" if several else r["method"]
 
+    return label
+
+
+def collect(out: Path) -> tuple[list[dict], dict, list[str]]:
+    """The records, the table {(dataset, subset, method label): {column: summary}}, and the columns."""
+    records = list(iter_records(out))
+    scores = load_scores(out)
+    label = method_labels(records)
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     columns: list[str] = []
     for r in records:
@@ -110,10 +117,11 @@ def paired_comparison(records: list[dict], values: dict[str, bool], baseline: st
     difference with a 95 % Wald interval, wins = the method succeeds where the baseline fails, losses the
     reverse, p = exact two-sided McNemar test on wins vs losses, time_ratio = the method's total seconds /
     the baseline's on the same pairs. Methods run on fewer seeds (a partial run) are compared fairly this way."""
-    cells: dict[tuple, dict] = defaultdict(dict)  # (dataset, subset, method) -> {(prompt, seed): record}
+    label = method_labels(records)  # two configurations of one method are two rows
+    cells: dict[tuple, dict] = defaultdict(dict)  # (dataset, subset, method label) -> {(prompt, seed): record}
     for r in records:
         if r["key"] in values:
-            cells[(r["dataset"], r["subset"], r["method"])][(r["prompt"], r["seed"])] = r
+            cells[(r["dataset"], r["subset"], label(r))][(r["prompt"], r["seed"])] = r
     out = {}
     for (dataset, subset, method), mine in sorted(cells.items()):
         base = cells.get((dataset, subset, baseline))
