@@ -189,6 +189,7 @@ def summarise(path, steps, seeds):
             by[r["config"]].append(r)
     print(f"\n| config | prompts | success | shapes present | mean detected | s / image | paired vs vanilla: only config / only vanilla |")
     print("|---|---|---|---|---|---|---|")
+    van = {r["prompt"]: r["success"] for r in by.get("vanilla", [])}
     for c, rs in by.items():
         n = sum(len(r["success"]) for r in rs)
         ok = sum(sum(r["success"]) for r in rs)
@@ -196,7 +197,6 @@ def summarise(path, steps, seeds):
         det = sum(sum(r["n_detected"]) for r in rs) / n
         sec = sum(r["seconds"] for r in rs) / n
         # paired with vanilla on the same (prompt, seed): (config wins, vanilla wins) on success
-        van = {r["prompt"]: r["success"] for r in by.get("vanilla", [])}
         win = sum(a and not b for r in rs if r["prompt"] in van for a, b in zip(r["success"], van[r["prompt"]]))
         loss = sum(b and not a for r in rs if r["prompt"] in van for a, b in zip(r["success"], van[r["prompt"]]))
         print(f"| {c} | {len(rs)} | {ok}/{n} ({100 * ok / n:.1f} %) | {sp}/{n} ({100 * sp / n:.1f} %) | {det:.2f} | {sec:.2f} | {win} / {loss} |")

@@ -117,6 +117,8 @@ def paired_comparison(records: list[dict], values: dict[str, bool], baseline: st
     difference with a 95 % Wald interval, wins = the method succeeds where the baseline fails, losses the
     reverse, p = exact two-sided McNemar test on wins vs losses, time_ratio = the method's total seconds /
     the baseline's on the same pairs. Methods run on fewer seeds (a partial run) are compared fairly this way."""
+    from scipy.stats import binomtest
+
     label = method_labels(records)  # two configurations of one method are two rows
     cells: dict[tuple, dict] = defaultdict(dict)  # (dataset, subset, method label) -> {(prompt, seed): record}
     for r in records:
@@ -137,8 +139,6 @@ def paired_comparison(records: list[dict], values: dict[str, bool], baseline: st
         losses = sum(x and not y for x, y in zip(a, b))
         diff = (wins - losses) / n
         se = math.sqrt(max(0.0, wins + losses - (wins - losses) ** 2 / n)) / n
-        from scipy.stats import binomtest
-
         p = binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
         seconds = [sum(float(c[k]["seconds"]) for k in common) for c in (base, mine)]
         out[(dataset, subset, method)] = {

@@ -553,6 +553,7 @@ def main(argv=None) -> int:
         setattr(cfg, k, tuple(int(x) for x in v.split(",")) if isinstance(cur, tuple) else type(cur)(v))
     saved.write_text(json.dumps(asdict(cfg), indent=2))
     torch.set_num_threads(a.threads or cfg.threads)
+    _STOP["flag"] = False  # a stop belongs to one run (cleared before the handlers can set it)
     if argv is None:  # run as a program: a SIGTERM / Ctrl-C checkpoints before exiting
         import signal
 
@@ -569,7 +570,6 @@ def main(argv=None) -> int:
         export_pipeline(cfg, out, export or Path("attnreg/toy/model"), ema_weights=ck["ema"], losses=losses, step=ck["step"])
         return 0
     phases = a.phases.split(",")
-    _STOP["flag"] = False  # a stop belongs to one run
     for phase, run in (("vae", lambda: train_vae(cfg, out, losses, ckpt_s, stop_at)),
                        ("latents", lambda: encode_pool(cfg, out, stop_at)),
                        ("unet", lambda: train_unet(cfg, out, losses, ckpt_s, stop_at, export))):
