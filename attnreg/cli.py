@@ -37,7 +37,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_regulation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="paper", help="regulation preset (default: paper)")
+    from .config import PRESETS
+
+    p.add_argument("--preset", default="auto", choices=list(PRESETS),
+                   help="auto: layers and loss levels fitted to the model (default); paper: the authors' release")
     p.add_argument("--layers", default=None, help="comma-separated blocks or attn2 modules to edit (default: the model's)")
     p.add_argument("--edit-steps", type=int, default=None, help="edit the first N steps (default: half)")
 
@@ -146,6 +149,32 @@ def cmd_tokens(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import CalibrationError, calibrate, model_folder, write_calibration
+    from .pipelines import load_pipeline
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    prompts = None
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise CalibrationError(f"--prompts {args.prompts}: no such file (one prompt per line)")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise CalibrationError(f"--prompts {args.prompts} holds no prompt")
+    seeds = [int(s) for s in split_list(args.seeds)]
+    result = calibrate(pipe, prompts=prompts, seeds=seeds, steps=args.steps, guidance_scale=args.guidance, keep=args.keep)
+    print("layer                                                   map    mass  contrast")
+    for layer, st in result["layer_stats"].items():
+        mark = "*" if layer in result["layers"] else " "
+        print(f"{mark} {layer:54s} {st['map']:>5s} {st['mass']:6.2f} {st['contrast']:8.3f}")
+    folder = Path(args.out) if args.out else model_folder(pipe)
+    if folder is None:
+        raise CalibrationError("this model was not loaded from a local folder; pass --out FOLDER for its attnreg.json")
+    print(write_calibration(folder, result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnreg", description="Attention Regulation for diffusers pipelines")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--targets", default=None)
     t.add_argument("--model", default=None, help="use this pipeline's tokenizer (default: the CLIP tokenizer)")
     t.set_defaults(func=cmd_tokens)
+
+    c = sub.add_parser("calibrate", help="choose the layers the auto preset edits, from the model's own attention")
+    add_model_args(c)
+    c.add_argument("--prompts", default=None, help="a file with one prompt per line (default: the model's "
+                   "attnreg.json calibration_prompts, else 8 generic two- and three-object prompts)")
+    c.add_argument("--seeds", default="0,1", help="comma-separated seeds per prompt (default: 0,1)")
+    c.add_argument("--steps", type=int, default=50, help="denoising steps; the first half are observed (default: 50)")
+    c.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    c.add_argument("--keep", type=float, default=0.5, help="keep layers within this fraction of the best contrast")
+    c.add_argument("--out", default=None, help="folder whose attnreg.json gets the result (default: the model's)")
+    c.set_defaults(func=cmd_calibrate)
 
     for name in SUBCOMMAND_MODULES:
         try:

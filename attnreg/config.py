@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .regulation import LossWeights
+from .regulation import LossWeights, RelativeLoss
 
 
 class ConfigError(ValueError):
@@ -63,6 +63,10 @@ class RegulationConfig:
     decay: float = 0.99
     restore_special: bool = True
     seed: int = 0
+    loss: str = "paper"
+    lift: float = 1.0
+    neglect_ratio: float | None = None
+    layer_choice: str = "model"
     preset: str = field(default="paper", compare=False)
 
     def __post_init__(self):
@@ -94,13 +98,23 @@ class RegulationConfig:
             problems.append(f"init_low={self.init_low!r} must be <= init_high={self.init_high!r}")
         if not 0 <= self.smoothing <= 1:
             problems.append(f"smoothing={self.smoothing!r} must be in [0, 1]")
+        if self.loss not in LOSSES:
+            problems.append(f"loss={self.loss!r} is not one of {', '.join(LOSSES)}")
+        if not self.lift >= 1:
+            problems.append(f"lift={self.lift!r} must be >= 1")
+        if self.neglect_ratio is not None and not 0 < self.neglect_ratio <= 1:
+            problems.append(f"neglect_ratio={self.neglect_ratio!r} must be in (0, 1] or None")
+        if self.layer_choice not in LAYER_CHOICES:
+            problems.append(f"layer_choice={self.layer_choice!r} is not one of {', '.join(LAYER_CHOICES)}")
         if not 0 < self.decay <= 1:
             problems.append(f"decay={self.decay!r} must be in (0, 1]")
         if problems:
             raise ConfigError("invalid RegulationConfig: " + "; ".join(problems))
 
     @property
-    def loss_weights(self) -> LossWeights:
+    def loss_weights(self) -> LossWeights | RelativeLoss:
+        if self.loss == "relative":
+            return RelativeLoss(self.gamma, self.delta, self.epsilon, self.quantile, self.lift)
         return LossWeights(self.gamma, self.delta, self.epsilon, self.quantile, self.high_target, self.per_target_share)
 
     @classmethod
@@ -117,6 +131,13 @@ class RegulationConfig:
         return dataclasses.asdict(self)
 
 
+LOSSES = ("paper", "relative")
+LAYER_CHOICES = ("model", "calibrated")
+
 PRESETS: dict[str, RegulationConfig] = {
     "paper": RegulationConfig(preset="paper"),
+    "auto": RegulationConfig(
+        loss="relative", layer_choice="calibrated", gamma=1.0, delta=1.0, epsilon=0.01, lr=1.0, init_high=0.0,
+        lift=1.0, neglect_ratio=0.8, preset="auto",
+    ),
 }

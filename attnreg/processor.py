@@ -16,7 +16,10 @@ from typing import Callable
 import torch
 
 from .config import RegulationConfig
-from .regulation import gaussian_bases, optimise_offsets, smoothed_weights, offsets_from_weights
+from .regulation import (
+    gaussian_bases, offsets_from_weights, optimise_offsets, optimise_rows, quantile_along_pixels, reference_levels,
+    smoothed_weights,
+)
 
 
 @dataclass
@@ -81,6 +84,9 @@ class RegulationState:
         return self._bases[key]
 
 
+UNCHANGED = object()  # _explicit's answer when regulation changed nothing: use the layer's own output
+
+
 class RegulatedAttnProcessor:
     """Wraps one layer's own processor; regulates or records its cross-attention when asked."""
 
@@ -98,7 +104,10 @@ class RegulatedAttnProcessor:
                 # and an explicit softmax differ in the last bits); the probabilities are made on the side.
                 self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, False, observers, True)
             return output
-        return self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, edit, observers)
+        output = self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, edit, observers)
+        if output is UNCHANGED:
+            output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        return output
 
     def _explicit(self, attn, hidden_states, context, attention_mask, temb, edit, observers, probs_only=False):
         # Mirrors diffusers' AttnProcessor2_0, with the softmax done by hand.
@@ -130,7 +139,13 @@ class RegulatedAttnProcessor:
             scores = scores + mask.view(batch, heads, -1, mask.shape[-1]).float()
         probs = scores.softmax(dim=-1)
         if edit:
-            probs = self._regulate(scores, probs, n_pixels)
+            probs, changed = self._regulate(scores, probs, n_pixels)
+            if not changed and not probs_only:
+                # Nothing needed regulation in this call: the layer's own processor gives the output, so a
+                # call in which no image is ever neglected is bit for bit the plain pipeline's.
+                for observer in observers:
+                    observer.record(self.name, self.state.step, probs, self.state)
+                return UNCHANGED
         for observer in observers:
             observer.record(self.name, self.state.step, probs, self.state)
         if probs_only:
@@ -145,8 +160,11 @@ class RegulatedAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _regulate(self, scores: torch.Tensor, probs: torch.Tensor, n_pixels: int) -> torch.Tensor:
-        """Replace the conditional half's probabilities by softmax(S + Delta) (Sec. 4, Alg. 1)."""
+    def _regulate(self, scores: torch.Tensor, probs: torch.Tensor, n_pixels: int) -> tuple[torch.Tensor, bool]:
+        """Replace the conditional half's probabilities by softmax(S + Delta) (Sec. 4, Alg. 1).
+
+        Returns the probabilities and whether any image was changed (with a `neglect_ratio`, images whose
+        targets already hold similar attention are left as they are)."""
         state, config, plan = self.state, self.state.config, self.state.plan
         batch, heads = scores.shape[:2]
         n = plan.n_images
@@ -155,7 +173,7 @@ class RegulatedAttnProcessor:
                 f"attnreg expected a guidance batch of {2 * n} (unconditional + conditional), got {batch}"
             )
         bases = state.bases(state.map_shape(n_pixels), scores.device)
-        probs = probs.clone()
+        probs, changed = probs.clone(), False
         groups: dict[tuple[int, ...], list[int]] = {}
         for image, targets in enumerate(plan.image_targets):
             if targets:
@@ -171,14 +189,30 @@ class RegulatedAttnProcessor:
             shape = (s.shape[0], bases.shape[0], len(targets))
             init = torch.rand(shape, generator=state.generator).mul_(config.init_high - config.init_low).add_(config.init_low)
             init = init.to(s.device)
-            result = optimise_offsets(
-                target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights
-            )
+            edit_images = None
+            if config.loss == "relative":
+                unedited = probs[rows][..., t].reshape(len(rows) * heads, n_pixels, len(targets))
+                ref_high, ref_mean = reference_levels(unedited, config.quantile)
+                result = optimise_rows(
+                    target_logits, rest_lse, bases, init, ref_high, ref_mean, config.iterations, config.lr,
+                    config.loss_weights,
+                )
+                if config.neglect_ratio is not None:
+                    edit_images = neglected(unedited.reshape(len(rows), heads, n_pixels, -1), config.quantile, config.neglect_ratio)
+            else:
+                result = optimise_offsets(
+                    target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights
+                )
             key = (self.name, targets)
             previous = state.previous_best.get(key)
             if previous is None or previous.shape != init.shape:
                 previous = init  # at the first edited step "previous" is the random start
             applied = smoothed_weights(previous, result.weights, state.step, config.smoothing, config.decay)
+            if edit_images is not None:
+                if not edit_images.any():
+                    state.previous_best[key] = result.weights
+                    continue
+                applied = applied * edit_images.repeat_interleave(heads)[:, None, None]
             state.previous_best[key] = result.weights
             state.stats[(self.name, state.step, targets)] = (result.initial_loss, result.loss)
 
@@ -191,5 +225,19 @@ class RegulatedAttnProcessor:
                 p[..., 0] = original[..., 0]
                 b = torch.arange(p.shape[0], device=s.device)
                 p[b, :, eos] = original[b, :, eos]
+            if edit_images is not None:  # images left alone keep their probabilities exactly
+                keep_rows = ~edit_images.repeat_interleave(heads)
+                p[keep_rows] = probs[rows].reshape_as(p)[keep_rows]
             probs[rows] = p.reshape(len(rows), heads, n_pixels, -1)
-        return probs
+            changed = True
+        return probs, changed
+
+
+def neglected(target_maps: torch.Tensor, quantile: float, ratio: float) -> torch.Tensor:
+    """Which images need regulation: (images, heads, P, n) unedited target maps -> (images,) bool.
+
+    On the head-averaged maps, an image is neglecting a target when its weakest target's top-decile
+    level is below `ratio` times its strongest one's. One target is never neglected.
+    """
+    level = quantile_along_pixels(target_maps.mean(dim=1), quantile)[0]  # (images, n)
+    return level.amin(dim=-1) < ratio * level.amax(dim=-1)

@@ -122,15 +122,23 @@ def loss_and_grad(
     mean = probs.mean(dim=1)
     d_high, d_mean = high - loss.high_target, mean - target_share(n, loss.per_target_share)
     value = loss.gamma * (d_high**2).mean() + loss.delta * (d_mean**2).mean() + loss.epsilon * (w**2).mean()
-    # dL/dP: every pixel through the mean, the two order statistics through the quantile.
     g_high = (2 * loss.gamma / (b * n)) * d_high
-    g_probs = ((2 * loss.delta / (b * n * pixels)) * d_mean).unsqueeze(1).expand(b, pixels, n).clone()
+    g_mean = (2 * loss.delta / (b * n)) * d_mean
+    grad = _weights_grad(probs, g_high, g_mean, i_lo, i_hi, frac, bases) + (2 * loss.epsilon / w.numel()) * w
+    return value, grad
+
+
+def _weights_grad(probs, g_high, g_mean, i_lo, i_hi, frac, bases) -> torch.Tensor:
+    """dL/dw from dL/d(quantile) and dL/d(mean) of every (row, target): the shared back half of the
+    closed-form gradients."""
+    b, pixels, n = probs.shape
+    # dL/dP: every pixel through the mean, the two order statistics through the quantile.
+    g_probs = (g_mean / pixels).unsqueeze(1).expand(b, pixels, n).clone()
     g_probs.scatter_add_(1, i_lo.unsqueeze(1), ((1 - frac) * g_high).unsqueeze(1))
     g_probs.scatter_add_(1, i_hi.unsqueeze(1), (frac * g_high).unsqueeze(1))
     # through the softmax over all tokens: dL/da_s = P_s (g_s - sum_t g_t P_t), only targets move
     g_logits = probs * (g_probs - (g_probs * probs).sum(dim=-1, keepdim=True))
-    grad = torch.einsum("bpn,kp->bkn", g_logits, bases) + (2 * loss.epsilon / w.numel()) * w
-    return value, grad
+    return torch.einsum("bpn,kp->bkn", g_logits, bases)
 
 
 @dataclass
@@ -181,3 +189,108 @@ def smoothed_weights(previous_best: torch.Tensor, best: torch.Tensor, step: int,
     moving average; the offsets are linear in w, so blending weights blends maps.
     """
     return decay**step * (mix * previous_best + (1.0 - mix) * best)
+
+
+# -- the `auto` preset's loss: targets relative to the call's own maps --------------------------------
+
+
+@dataclass(frozen=True)
+class RelativeLoss:
+    """gamma L_high + delta L_prop + epsilon L_reg with the levels taken from the call, not constants.
+
+    Per (image, head) row, the reference is the dominant target's own unedited level: its 90th
+    percentile (`ref_high`) and its mean (`ref_mean`). Every target whose level falls short of
+    `lift` x the reference is pulled up, in log units, with a one-sided (hinge) square; a target at or
+    above it costs nothing. So at lift 1 the dominant target is left alone and a neglected one is
+    raised to its level (the paper's Fig. 2 diagnosis), and a row whose targets are already level has a
+    zero loss and is not changed.
+    """
+
+    gamma: float = 1.0
+    delta: float = 1.0
+    epsilon: float = 0.01
+    quantile: float = 0.9
+    lift: float = 1.0
+
+
+def reference_levels(probs: torch.Tensor, quantile: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dominant target's levels per row: (max_t q(P(., t)), max_t mean_p P(p, t)), each (B, 1)."""
+    high = quantile_along_pixels(probs, quantile)[0]
+    return high.amax(dim=-1, keepdim=True), probs.mean(dim=1).amax(dim=-1, keepdim=True)
+
+
+def relative_loss(
+    probs: torch.Tensor, weights: torch.Tensor, ref_high: torch.Tensor, ref_mean: torch.Tensor, loss: RelativeLoss = RelativeLoss()
+) -> torch.Tensor:
+    """The per-row loss (B,) of target maps `probs` (B, P, n) at bump weights (B, K, n); readable reference."""
+    high = torch.quantile(probs, loss.quantile, dim=1)  # (B, n)
+    short_high = torch.relu(torch.log(loss.lift * ref_high) - torch.log(high))
+    short_mean = torch.relu(torch.log(loss.lift * ref_mean) - torch.log(probs.mean(dim=1)))
+    return (
+        loss.gamma * (short_high**2).mean(dim=-1)
+        + loss.delta * (short_mean**2).mean(dim=-1)
+        + loss.epsilon * (weights**2).mean(dim=(1, 2))
+    )
+
+
+def relative_loss_and_grad(
+    target_logits: torch.Tensor,
+    rest_lse: torch.Tensor,
+    bases: torch.Tensor,
+    w: torch.Tensor,
+    ref_high: torch.Tensor,
+    ref_mean: torch.Tensor,
+    loss: RelativeLoss,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`relative_loss` per row (B,) and the gradient of each row's loss by its own weights, closed form."""
+    _b, _pixels, n = target_logits.shape
+    probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))
+    high, i_lo, i_hi, frac = quantile_along_pixels(probs, loss.quantile)
+    mean = probs.mean(dim=1)
+    short_high = torch.relu(torch.log(loss.lift * ref_high) - torch.log(high))
+    short_mean = torch.relu(torch.log(loss.lift * ref_mean) - torch.log(mean))
+    value = (
+        loss.gamma * (short_high**2).mean(dim=-1)
+        + loss.delta * (short_mean**2).mean(dim=-1)
+        + loss.epsilon * (w**2).mean(dim=(1, 2))
+    )
+    g_high = (-2 * loss.gamma / n) * short_high / high
+    g_mean = (-2 * loss.delta / n) * short_mean / mean
+    k = w.shape[1]
+    grad = _weights_grad(probs, g_high, g_mean, i_lo, i_hi, frac, bases) + (2 * loss.epsilon / (k * n)) * w
+    return value, grad
+
+
+def optimise_rows(
+    target_logits: torch.Tensor,
+    rest_lse: torch.Tensor,
+    bases: torch.Tensor,
+    init_weights: torch.Tensor,
+    ref_high: torch.Tensor,
+    ref_mean: torch.Tensor,
+    iterations: int = 20,
+    lr: float = 1.0,
+    loss: RelativeLoss = RelativeLoss(),
+) -> SolverResult:
+    """Gradient descent on each row's own loss, keeping each row's best iterate (not the batch's).
+
+    The released solver keeps the iterate with the lowest loss over the whole batch, so with several
+    images per call one image's good iterate can be thrown away for another's; here every (image,
+    head) row keeps its own, and a batch gives the same rows as single calls. The loss includes the
+    iterate after the last update. Runs in fp32, no host sync.
+    """
+    target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
+    ref_high, ref_mean = ref_high.float(), ref_mean.float()
+    w = init_weights.detach().float()
+    best_w, best_loss, first_loss = w, None, None
+    for i in range(iterations + 1):
+        value, grad = relative_loss_and_grad(target_logits, rest_lse, bases, w, ref_high, ref_mean, loss)
+        if best_loss is None:
+            first_loss, best_loss = value, value
+        else:
+            better = value < best_loss
+            best_w = torch.where(better[:, None, None], w, best_w)
+            best_loss = torch.where(better, value, best_loss)
+        if i < iterations:
+            w = w - lr * grad
+    return SolverResult(best_w, best_loss, first_loss)

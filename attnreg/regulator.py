@@ -113,7 +113,12 @@ class AttentionRegulator:
         check_pipeline(pipe)
         self.pipe = pipe
         self.config = config or RegulationConfig()
-        self.layers = select_layers(pipe.unet, self.config.layers)
+        layers = self.config.layers
+        if layers is None and self.config.layer_choice == "calibrated":
+            from .calibrate import calibrated_layers
+
+            layers = calibrated_layers(pipe)  # None when it cannot be had: the structural rule below
+        self.layers = select_layers(pipe.unet, layers)
         self.state = RegulationState(self.config, self.layers)
         self.last_targets: list[dict] = []
         self._removed = False

@@ -73,8 +73,8 @@ class PlainSD(Method):
 @register_method
 class AttnReg(Method):
     name = "attnreg"
-    preset = "paper"
-    description = "Attention Regulation, the default preset"
+    preset = "auto"
+    description = "Attention Regulation, the default preset (auto)"
 
     def __init__(self, pipe, **options):
         from attnreg import AttentionRegulator, RegulationConfig
@@ -92,7 +92,8 @@ class AttnReg(Method):
         self.regulator = AttentionRegulator(pipe, self.reg_config)
 
     def config(self) -> dict:
-        return json.loads(json.dumps(self.reg_config.to_dict()))
+        # The layers actually edited: with layers=None they come from the model (its calibration).
+        return json.loads(json.dumps({**self.reg_config.to_dict(), "edited_layers": sorted(self.regulator.layers)}))
 
     def generate(self, prompt, targets, generator, **call):
         return self.regulator(prompt, targets=list(targets), generator=generator, **call).images[0]
@@ -100,12 +101,11 @@ class AttnReg(Method):
 
 @register_method
 class AttnRegPaper(AttnReg):
-    """The faithful preset. attnreg has one preset today ("paper"), so this equals `attnreg`; it is kept
-    as its own method so that benchmark folders stay comparable once the default preset changes."""
+    """The preset faithful to the authors' release (`paper`); `attnreg` is the default (`auto`)."""
 
     name = "attnreg-paper"
     preset = "paper"
-    description = "Attention Regulation, the preset faithful to the paper (equals attnreg for now)"
+    description = "Attention Regulation, the preset faithful to the paper"
 
 
 def cross_attention_resolution(unet, height: int, vae_scale_factor: int, layers=None) -> tuple[int, int]:

@@ -1,0 +1,176 @@
+"""The `auto` preset: the relative loss and its solver, the neglect test, calibration and its storage."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attnreg import AttentionRegulator, RegulationConfig
+from attnreg.calibrate import (
+    CalibrationError, atomic_write_json, cached_calibration_path, calibrate, find_calibration, write_calibration,
+)
+from attnreg.config import ConfigError
+from attnreg.processor import neglected
+from attnreg.regulation import (
+    RelativeLoss, gaussian_bases, offsets_from_weights, optimise_rows, reference_levels, relative_loss,
+    relative_loss_and_grad, target_probs,
+)
+from attnreg.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+STEPS = 6
+
+
+def gen(seed=0):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def problem(b=6, p=64, n=2, seed=0):
+    torch.manual_seed(seed)
+    logits = torch.randn(b, p, n, dtype=torch.float64)
+    rest = torch.randn(b, p, 1, dtype=torch.float64) + 2
+    return logits, rest, gaussian_bases(int(p**0.5), dtype=torch.float64)
+
+
+def test_relative_gradient_matches_autograd():
+    logits, rest, bases = problem()
+    unedited = target_probs(logits, rest, torch.zeros_like(logits))
+    ref_high, ref_mean = reference_levels(unedited)
+    loss = RelativeLoss(lift=1.5, epsilon=0.3)
+    w = torch.rand(6, 49, 2, dtype=torch.float64, requires_grad=True)
+    value = relative_loss(target_probs(logits, rest, offsets_from_weights(w, bases)), w, ref_high, ref_mean, loss)
+    (expected,) = torch.autograd.grad(value.sum(), w)
+    value2, grad = relative_loss_and_grad(logits, rest, bases, w.detach(), ref_high, ref_mean, loss)
+    torch.testing.assert_close(value2, value.detach())
+    torch.testing.assert_close(grad, expected)
+    assert expected.abs().max() > 1e-4  # the check is not vacuous
+
+
+def test_solver_lowers_each_row_and_a_batch_equals_single_rows():
+    logits, rest, bases = problem(b=4)
+    ref_high, ref_mean = reference_levels(target_probs(logits, rest, torch.zeros_like(logits)))
+    init = torch.zeros(4, 49, 2, dtype=torch.float64)
+    together = optimise_rows(logits, rest, bases, init, ref_high, ref_mean, iterations=20, lr=1.0)
+    assert (together.loss < together.initial_loss).all()
+    for row in range(4):
+        alone = optimise_rows(logits[row:row + 1], rest[row:row + 1], bases, init[row:row + 1],
+                              ref_high[row:row + 1], ref_mean[row:row + 1], iterations=20, lr=1.0)
+        torch.testing.assert_close(alone.weights[0], together.weights[row])
+
+
+def test_level_targets_are_left_alone():
+    # Two identical target columns: nothing is neglected, the loss is zero and the weights stay zero
+    # (to rounding: the reference and the iterate are computed along different paths).
+    logits, rest, bases = problem(n=1)
+    logits = logits.expand(-1, -1, 2).contiguous()
+    ref_high, ref_mean = reference_levels(target_probs(logits, rest, torch.zeros_like(logits)))
+    result = optimise_rows(logits, rest, bases, torch.zeros(6, 49, 2, dtype=torch.float64), ref_high, ref_mean)
+    assert float(result.loss.abs().max()) < 1e-12
+    assert float(result.weights.abs().max()) < 1e-6
+    maps = target_probs(logits, rest, torch.zeros_like(logits)).reshape(2, 3, 64, 2)
+    assert not neglected(maps, 0.9, 0.8).any()
+    maps[..., 1] *= 0.1  # the second target at a tenth of the first: neglected
+    assert neglected(maps, 0.9, 0.8).all()
+
+
+def test_auto_preset_and_its_checks():
+    auto = RegulationConfig.from_preset("auto")
+    assert auto.loss == "relative" and auto.layer_choice == "calibrated"
+    with pytest.raises(ConfigError, match="auto, paper|paper, auto|valid presets: auto, paper"):
+        RegulationConfig.from_preset("fast")
+    with pytest.raises(ConfigError, match="lift"):
+        RegulationConfig.from_preset("auto", lift=0.5)
+    with pytest.raises(ConfigError, match="neglect_ratio"):
+        RegulationConfig.from_preset("auto", neglect_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+def load(folder):
+    from attnreg.pipelines import load_pipeline
+
+    return load_pipeline(folder)
+
+
+def test_calibrate_writes_and_the_auto_preset_reads_attnreg_json(sd_folder):
+    pipe = load(sd_folder)
+    result = calibrate(pipe, prompts=["a cat and a dog", "a red apple and a green bowl"], seeds=[0], steps=4)
+    assert result["layers"] and set(result["layers"]) <= set(result["layer_stats"])
+    best = max(s["contrast"] for s in result["layer_stats"].values())
+    assert all(result["layer_stats"][name]["contrast"] >= 0.5 * best for name in result["layers"])
+    (sd_folder / "attnreg.json").write_text(json.dumps({"note": "kept"}))
+    write_calibration(sd_folder, result)
+    spec = json.loads((sd_folder / "attnreg.json").read_text())
+    assert spec["note"] == "kept" and spec["calibration"]["layers"] == result["layers"]
+    reg = AttentionRegulator(load(sd_folder), RegulationConfig.from_preset("auto"))
+    assert reg.layers == frozenset(result["layers"])
+
+
+def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "attnreg.json"
+    path.write_text('{"calibration": "old"}')
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("attnreg.calibrate.os.replace", fail)
+    with pytest.raises(CalibrationError, match="cannot write"):
+        atomic_write_json(path, {"calibration": "new"})
+    assert path.read_text() == '{"calibration": "old"}'
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_a_model_without_attnreg_json_is_calibrated_once_and_cached(capsys):
+    pipe = tiny_sd_pipeline(seed=3)
+    assert find_calibration(pipe) is None
+    reg = AttentionRegulator(pipe, RegulationConfig.from_preset("auto"))
+    assert "calibrating" in capsys.readouterr().err
+    path = cached_calibration_path(pipe)
+    assert path.is_file() and frozenset(json.loads(path.read_text())["layers"]) == reg.layers
+    AttentionRegulator(pipe, RegulationConfig.from_preset("auto"))
+    assert "calibrating" not in capsys.readouterr().err
+
+
+def test_calibrating_a_unet_without_cross_attention_says_so():
+    from diffusers import UNet2DConditionModel
+
+    pipe = tiny_sd_pipeline()
+    pipe.unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type=None, cross_attention_dim=32, norm_num_groups=32,
+    )
+    with pytest.raises(CalibrationError, match="no cross-attention layer"):
+        calibrate(pipe, steps=2)
+
+
+@pytest.mark.parametrize("make", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+def test_auto_regulates_a_neglected_target_and_leaves_level_ones_bit_identical(make):
+    pipe = make()
+    kw = dict(num_inference_steps=STEPS, output_type="np")
+    vanilla = pipe("a cat and a dog", generator=gen(), **kw).images
+    # A ratio of 1 calls any imbalance neglect, and a lift of 4 asks for four times the dominant target's
+    # level: on random weights the image must change by more than float noise.
+    reg = AttentionRegulator(pipe, RegulationConfig.from_preset("auto", neglect_ratio=1.0, lift=4.0))
+    edited = reg("a cat and a dog", targets=["cat", "dog"], generator=gen(), **kw).images
+    assert np.abs(edited - vanilla).max() > 1e-3
+    # One target is never neglected: every step hands the layer back to its own processor.
+    reg = AttentionRegulator(pipe, RegulationConfig.from_preset("auto"))
+    alone = reg("a cat and a dog", targets=["cat"], generator=gen(), **kw).images
+    assert np.array_equal(alone, vanilla)
+    assert np.array_equal(pipe("a cat and a dog", generator=gen(), **kw).images, vanilla)
+
+
+def test_auto_batch_gives_the_single_calls_images():
+    pipe = tiny_sd_pipeline()
+    reg = AttentionRegulator(pipe, RegulationConfig.from_preset("auto", neglect_ratio=1.0))
+    kw = dict(num_inference_steps=STEPS, output_type="np", targets=["cat", "dog"])
+    batch = reg("a cat and a dog", generator=[gen(0), gen(1)], num_images_per_prompt=2, **kw).images
+    for i, seed in enumerate((0, 1)):
+        single = reg("a cat and a dog", generator=[gen(seed)], **kw).images[0]
+        assert np.abs(batch[i] - single).max() < 1e-4
