@@ -131,9 +131,36 @@ def test_paired_comparison_uses_common_pairs_only():
     assert (row["wins"], row["losses"]) == (2, 1) and row["diff"] == 0.25
     assert row["low"] < 0.25 < row["high"] and row["p"] == 1.0  # binomial: 2 of 3 discordant pairs
     assert row["time_ratio"] == 3.0
+    assert row["kept"] == 0.5  # sd right on (b, 0) and (b, 1); ae keeps (b, 0) only
     # a second configuration of the same method is its own row, not merged into the first
     records += [{**rec("ae", p, s, 2.0), "key": f"ae2-{p}-{s}", "config_hash": "bbbbbb"} for p in "ab" for s in range(4)]
     values.update({f"ae2-{p}-{s}": False for p in "ab" for s in range(4)})
     rows = paired_comparison(records, values)
     assert sorted(m for _, _, m in rows) == ["ae []", "ae [bbbbbb]"]
     assert rows[("shapes", "2obj", "ae []")]["rate"] == 0.75 and rows[("shapes", "2obj", "ae [bbbbbb]")]["rate"] == 0.0
+
+
+def test_image_change_and_extra_object_rates(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from attnreg.eval.report import image_change, paired_comparison
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    b = a.copy()
+    b[:8] = 255 - b[:8]  # a quarter of the image changed
+    for name, arr in (("a.png", a), ("b.png", b)):
+        Image.fromarray(arr).save(tmp_path / name)
+    same = image_change(tmp_path, [({"image": "a.png"}, {"image": "a.png"})])
+    assert same == (0.0, 1.0)
+    mad, ssim = image_change(tmp_path, [({"image": "a.png"}, {"image": "b.png"})])
+    assert mad == np.abs(a.astype(float) - b).mean() and ssim < 0.9
+
+    records = [{"key": f"{m}{s}", "dataset": "shapes", "subset": "2obj", "method": m, "prompt": "p", "seed": s,
+                "seconds": 1.0, "image": "a.png" if m == "sd" else "b.png"} for m in ("sd", "x") for s in range(2)]
+    values = {r["key"]: True for r in records}
+    extra = {"sd0": False, "sd1": False, "x0": True, "x1": False}
+    (_, row), = paired_comparison(records, values, extra=extra, out=tmp_path).items()
+    assert (row["base_extra"], row["extra"]) == (0.0, 0.5) and row["kept"] == 1.0
+    assert row["mad"] == mad

@@ -109,14 +109,21 @@ def collect(out: Path) -> tuple[list[dict], dict, list[str]]:
     return records, table, columns
 
 
-def paired_comparison(records: list[dict], values: dict[str, bool], baseline: str = "sd") -> dict[tuple, dict]:
+def paired_comparison(
+    records: list[dict], values: dict[str, bool], baseline: str = "sd", extra: dict[str, bool] | None = None,
+    out: Path | None = None,
+) -> dict[tuple, dict]:
     """Each method against `baseline` on the (prompt, seed) pairs both have, per (dataset, subset).
 
     values: {record key: bool} (a success metric). Returns {(dataset, subset, method): {"n", "base", "rate",
     "diff", "low", "high", "wins", "losses", "p", "time_ratio"}}: rates on the common pairs, the paired
     difference with a 95 % Wald interval, wins = the method succeeds where the baseline fails, losses the
     reverse, p = exact two-sided McNemar test on wins vs losses, time_ratio = the method's total seconds /
-    the baseline's on the same pairs. Methods run on fewer seeds (a partial run) are compared fairly this way."""
+    the baseline's on the same pairs. Methods run on fewer seeds (a partial run) are compared fairly this way.
+    kept = of the pairs the baseline got right, the share the method still gets right. With `extra` ({record
+    key: the image has objects beyond those named}), the two extra-object rates; with `out` (the benchmark
+    folder), how much the images changed against the baseline's: mean absolute pixel difference (0-255)
+    and SSIM, averaged over the pairs."""
     from scipy.stats import binomtest
 
     label = method_labels(records)  # two configurations of one method are two rows
@@ -124,7 +131,7 @@ def paired_comparison(records: list[dict], values: dict[str, bool], baseline: st
     for r in records:
         if r["key"] in values:
             cells[(r["dataset"], r["subset"], label(r))][(r["prompt"], r["seed"])] = r
-    out = {}
+    results = {}
     for (dataset, subset, method), mine in sorted(cells.items()):
         base = cells.get((dataset, subset, baseline))
         if method == baseline or not base:
@@ -141,12 +148,37 @@ def paired_comparison(records: list[dict], values: dict[str, bool], baseline: st
         se = math.sqrt(max(0.0, wins + losses - (wins - losses) ** 2 / n)) / n
         p = binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
         seconds = [sum(float(c[k]["seconds"]) for k in common) for c in (base, mine)]
-        out[(dataset, subset, method)] = {
+        row = {
             "n": n, "base": sum(a) / n, "rate": sum(b) / n, "diff": diff, "low": diff - Z95 * se,
             "high": diff + Z95 * se, "wins": wins, "losses": losses, "p": float(p),
             "time_ratio": seconds[1] / seconds[0] if seconds[0] else math.nan,
+            "kept": sum(y for x, y in zip(a, b) if x) / sum(a) if any(a) else math.nan,
         }
-    return out
+        if extra is not None:
+            for name, cell in (("base_extra", base), ("extra", mine)):
+                flags = [extra[cell[k]["key"]] for k in common if cell[k]["key"] in extra]
+                row[name] = sum(flags) / len(flags) if flags else math.nan
+        if out is not None:
+            row["mad"], row["ssim"] = image_change(out, [(base[k], mine[k]) for k in common])
+        results[(dataset, subset, method)] = row
+    return results
+
+
+def image_change(out: Path, pairs: list[tuple[dict, dict]]) -> tuple[float, float]:
+    """Mean absolute pixel difference (0-255) and mean SSIM (scikit-image) between paired images."""
+    import numpy as np
+    from PIL import Image
+    from skimage.metrics import structural_similarity
+
+    mads, ssims = [], []
+    for a, b in pairs:
+        try:
+            x, y = (np.asarray(Image.open(Path(out) / r["image"]).convert("RGB"), dtype=np.float64) for r in (a, b))
+        except OSError:
+            continue  # an unreadable image is left out of the mean, not fatal
+        mads.append(float(np.abs(x - y).mean()))
+        ssims.append(float(structural_similarity(x, y, channel_axis=-1, data_range=255.0, win_size=7)))
+    return (sum(mads) / len(mads), sum(ssims) / len(ssims)) if mads else (math.nan, math.nan)
 
 
 # The headline value of each metric comes first in the tables and the chart.
@@ -193,19 +225,28 @@ def write_report(out: str | Path) -> Path:
     if success:
         metric, field = success.split(".", 1)
         values = {k: v[field] for k, v in scores[metric]["items"].items() if isinstance(v.get(field), bool)}
-        rows = paired_comparison(records, values)
+        extra = None
+        if metric == "detect":
+            extra = {k: v["extra_objects"] > 0 for k, v in scores[metric]["items"].items()
+                     if isinstance(v.get("extra_objects"), (int, float))}
+        rows = paired_comparison(records, values, extra=extra, out=out)
         if rows:
             lines += [f"## Paired with sd ({success})", "",
                       "On the (prompt, seed) pairs both methods have: rates, the difference with a 95 % Wald "
                       "interval, wins/losses (this method right where sd is wrong / the reverse), exact McNemar "
-                      "p, and total seconds / those of sd.", "",
-                      "| data set / subset | method | pairs | sd | method | difference | wins / losses | p | time |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "p, kept (of the pairs sd got right, the share still right), the extra-object rates (sd -> "
+                      "method; images with more objects than named), how much the image changed against sd's "
+                      "(mean absolute pixel difference 0-255, SSIM), and total seconds / those of sd.", "",
+                      "| data set / subset | method | pairs | sd | method | difference | wins / losses | p | kept "
+                      "| extra objects | pixel diff | SSIM | time |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for (dataset, subset, m), r in rows.items():
+                extra_cell = (f"{r['base_extra'] * 100:.1f} -> {r['extra'] * 100:.1f} %" if "extra" in r else "-")
                 lines.append(
                     f"| {dataset} / {subset} | {m} | {r['n']} | {r['base'] * 100:.1f} % | {r['rate'] * 100:.1f} % | "
                     f"{r['diff'] * 100:+.1f} pp [{r['low'] * 100:+.1f}, {r['high'] * 100:+.1f}] | "
-                    f"{r['wins']} / {r['losses']} | {r['p']:.2g} | {r['time_ratio']:.2f}x |")
+                    f"{r['wins']} / {r['losses']} | {r['p']:.2g} | {r['kept'] * 100:.1f} % | {extra_cell} | "
+                    f"{r['mad']:.1f} | {r['ssim']:.3f} | {r['time_ratio']:.2f}x |")
             lines.append("")
     chart = _bar_chart(out, table, [*columns, "seconds/image"])
     lines += ["## Figures", "", f"![metrics]({chart.name})", ""]
