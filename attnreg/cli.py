@@ -39,7 +39,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def add_regulation_args(p: argparse.ArgumentParser) -> None:
     from .config import PRESETS
 
-    p.add_argument("--preset", default="auto", choices=list(PRESETS),
+    p.add_argument("--preset", default="auto", metavar="{" + ",".join(PRESETS) + "}",
                    help="auto: layers and loss levels fitted to the model (default); paper: the authors' release")
     p.add_argument("--layers", default=None, help="comma-separated blocks or attn2 modules to edit (default: the model's)")
     p.add_argument("--edit-steps", type=int, default=None, help="edit the first N steps (default: half)")
@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
             written += [out / f"{name}_original.png", out / f"{name}_compare.png"]
     (out / f"{stem}.json").write_text(json.dumps({
         "prompt": args.prompt, "targets": info, "seed": args.seed, "model": str(args.model or "embedded"),
-        "call": call, "config": config.to_dict(),
+        "call": call, "config": config.to_dict(), "edited_layers": sorted(reg.layers),
     }, indent=2))
     written.append(out / f"{stem}.json")
     for path in written:

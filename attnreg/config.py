@@ -14,7 +14,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RegulationConfig:
-    """What Attention Regulation does, and where. The defaults are the `paper` preset.
+    """What Attention Regulation does, and where. The dataclass defaults are the `paper` preset; the
+    default preset of the command line and the benchmark is `auto` (below).
 
     The `paper` preset follows the authors' released code (see `method.md`), with three fixes:
     8 x 8 maps work (bump sigma is at least 1 and the bump grid spans any map size), the initial
@@ -43,6 +44,37 @@ class RegulationConfig:
       smoothing: applied = decay**s * (smoothing * previous best + (1 - smoothing) * best).
       decay: 0.99 as released.
       restore_special: after the softmax, put back the unedited SOS and first-EOS probabilities.
+
+    Not documented by the authors, and where we differ from their release:
+      - The release casts the edited logits to fp16 even in fp32 pipelines; we keep the logits, the
+        optimisation and the edited softmax in fp32 whatever the pipeline's dtype.
+      - On 8 x 8 maps the release crashes (sigma 0); patched to sigma 1 it would place 9 bumps and its
+        solver then keeps the random start. Our 7 x 7 grid spanning any map is our own design, so results
+        of the `paper` loss on 8 x 8 layers are attnreg's results, not the paper's.
+      - edit_steps=None means half the steps; the release edits a fixed 25, the same only at 50 steps.
+
+    The `auto` preset (ours; the default): the paper's idea with levels taken from the model and the call.
+      layer_choice="calibrated": edit the layers the model's own attention says localise the targets
+        (`attnreg calibrate`, stored in its attnreg.json or the user cache; see calibrate.py). The
+        paper's 16 x 16 choice was tuned on SD 1.4: on the embedded model those layers put 93-98 % of
+        their attention on EOS padding, and editing them made images worse.
+      loss="relative": the paper's absolute levels (top decile at 0.9, mean 0.2 per target) ask a model
+        whose targets peak at 0.02-0.1 for a 10-50x change, which draws blobs and extra objects. Here a
+        neglected target is pulled up to the level of the dominant target of the same (image, head) row,
+        its unedited 90th percentile and mean (the paper's own Fig. 2 diagnosis: in failures one target
+        dominates), with a one-sided square in log units (`RelativeLoss` in regulation.py). Log units make
+        the step size scale-free: lr 1 converges in 20 steps on every map we tried, where the release's
+        lr 100 overshoots at once. lift > 1 asks for lift x the dominant level.
+      Each (image, head) row keeps its own best iterate, so a batch gives the images of single calls.
+      init_high=0: the solver starts from no offset (nothing changes unless the loss asks), not from
+        random weights.
+      neglect_ratio: per image and step, on the head-averaged maps, regulate only when the weakest
+        target's top-decile level is below this fraction of the strongest's. A call where no image is
+        ever neglected is bit for bit the plain pipeline (one target is never neglected).
+      binding (an option, 0 = off): also bind each target's modifiers (the content words before it,
+        "red" in "a red circle") to it: a SynGen-like term that moves the modifier's map into its noun's
+        region and out of the other nouns' (`binding_loss`); an image is then also regulated when a
+        modifier's map overlaps another noun's more than its own.
     """
 
     layers: tuple[str, ...] | None = None
@@ -67,6 +99,7 @@ class RegulationConfig:
     lift: float = 1.0
     neglect_ratio: float | None = None
     layer_choice: str = "model"
+    binding: float = 0.0
     preset: str = field(default="paper", compare=False)
 
     def __post_init__(self):
@@ -106,6 +139,10 @@ class RegulationConfig:
             problems.append(f"neglect_ratio={self.neglect_ratio!r} must be in (0, 1] or None")
         if self.layer_choice not in LAYER_CHOICES:
             problems.append(f"layer_choice={self.layer_choice!r} is not one of {', '.join(LAYER_CHOICES)}")
+        if not self.binding >= 0:
+            problems.append(f"binding={self.binding!r} must be >= 0")
+        if self.binding > 0 and self.loss != "relative":
+            problems.append("binding needs loss='relative' (the auto preset)")
         if not 0 < self.decay <= 1:
             problems.append(f"decay={self.decay!r} must be in (0, 1]")
         if problems:

@@ -17,8 +17,8 @@ import torch
 
 from .config import RegulationConfig
 from .regulation import (
-    gaussian_bases, offsets_from_weights, optimise_offsets, optimise_rows, quantile_along_pixels, reference_levels,
-    smoothed_weights,
+    binding_loss, gaussian_bases, offsets_from_weights, optimise_offsets, optimise_rows, optimise_rows_bound,
+    quantile_along_pixels, reference_levels, smoothed_weights,
 )
 
 
@@ -30,6 +30,9 @@ class CallPlan:
     image_targets: list[tuple[int, ...]]  # target token indices, per image
     image_eos: list[int]  # index of the first EOS, per image
     edit_steps: int
+    # With attribute binding, image_targets holds the nouns' tokens then their modifiers' tokens:
+    image_nouns: list[int] | None = None  # how many of image_targets are nouns, per image (None: all)
+    image_pairs: list[tuple[tuple[int, int], ...]] | None = None  # (modifier column, noun column), per image
 
 
 @dataclass
@@ -174,11 +177,13 @@ class RegulatedAttnProcessor:
             )
         bases = state.bases(state.map_shape(n_pixels), scores.device)
         probs, changed = probs.clone(), False
-        groups: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for image, targets in enumerate(plan.image_targets):
             if targets:
-                groups.setdefault(targets, []).append(image)
-        for targets, images in groups.items():
+                n_nouns = plan.image_nouns[image] if plan.image_nouns else len(targets)
+                pairs = plan.image_pairs[image] if plan.image_pairs else ()
+                groups.setdefault((targets, n_nouns, pairs), []).append(image)
+        for (targets, n_nouns, pairs), images in groups.items():
             rows = [n + i for i in images]  # the conditional half comes second
             s = scores[rows].reshape(len(rows) * heads, n_pixels, -1)  # (B, P, J)
             t = torch.tensor(targets, device=s.device)
@@ -189,29 +194,38 @@ class RegulatedAttnProcessor:
             shape = (s.shape[0], bases.shape[0], len(targets))
             init = torch.rand(shape, generator=state.generator).mul_(config.init_high - config.init_low).add_(config.init_low)
             init = init.to(s.device)
+            key = (self.name, targets)
             edit_images = None
             if config.loss == "relative":
                 unedited = probs[rows][..., t].reshape(len(rows) * heads, n_pixels, len(targets))
-                ref_high, ref_mean = reference_levels(unedited, config.quantile)
-                result = optimise_rows(
-                    target_logits, rest_lse, bases, init, ref_high, ref_mean, config.iterations, config.lr,
-                    config.loss_weights,
-                )
                 if config.neglect_ratio is not None:
-                    edit_images = neglected(unedited.reshape(len(rows), heads, n_pixels, -1), config.quantile, config.neglect_ratio)
+                    per_image = unedited.reshape(len(rows), heads, n_pixels, -1)
+                    edit_images = neglected(per_image[..., :n_nouns], config.quantile, config.neglect_ratio)
+                    if pairs and config.binding > 0:
+                        edit_images = edit_images | leaking(per_image, pairs, n_nouns)
+                    if not edit_images.any():  # nothing to regulate in this group at this step
+                        state.previous_best[key] = torch.zeros_like(init)
+                        continue
+                ref_high, ref_mean = reference_levels(unedited[..., :n_nouns], config.quantile)
+                if pairs and config.binding > 0:
+                    result = optimise_rows_bound(
+                        target_logits, rest_lse, bases, init, ref_high, ref_mean, pairs, n_nouns, config.binding,
+                        config.iterations, config.lr, config.loss_weights,
+                    )
+                else:
+                    result = optimise_rows(
+                        target_logits, rest_lse, bases, init, ref_high, ref_mean, config.iterations, config.lr,
+                        config.loss_weights,
+                    )
             else:
                 result = optimise_offsets(
                     target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights
                 )
-            key = (self.name, targets)
             previous = state.previous_best.get(key)
             if previous is None or previous.shape != init.shape:
                 previous = init  # at the first edited step "previous" is the random start
             applied = smoothed_weights(previous, result.weights, state.step, config.smoothing, config.decay)
             if edit_images is not None:
-                if not edit_images.any():
-                    state.previous_best[key] = result.weights
-                    continue
                 applied = applied * edit_images.repeat_interleave(heads)[:, None, None]
             state.previous_best[key] = result.weights
             state.stats[(self.name, state.step, targets)] = (result.initial_loss, result.loss)
@@ -231,6 +245,11 @@ class RegulatedAttnProcessor:
             probs[rows] = p.reshape(len(rows), heads, n_pixels, -1)
             changed = True
         return probs, changed
+
+
+def leaking(target_maps: torch.Tensor, pairs, n_nouns: int) -> torch.Tensor:
+    """Which images have a modifier whose (head-averaged) map overlaps another noun more than its own."""
+    return binding_loss(target_maps.mean(dim=1), pairs, tuple(range(n_nouns))) > 0
 
 
 def neglected(target_maps: torch.Tensor, quantile: float, ratio: float) -> torch.Tensor:

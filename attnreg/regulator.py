@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import RegulationConfig
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
-from .tokens import auto_targets, eos_index, resolve_targets, token_table
+from .tokens import auto_targets, eos_index, modifier_indices, resolve_targets, token_table
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
@@ -188,13 +188,37 @@ class AttentionRegulator:
 
         per_image = kwargs.get("num_images_per_prompt", 1) or 1
         eos = [eos_index(self.pipe.tokenizer, r["prompt"]) for r in resolved]  # once per prompt, not per image
+        columns, nouns, pairs = [tuple(r["indices"]) for r in resolved], None, None
+        if self.config.binding > 0:
+            bound = [self._bind(r) for r in resolved]
+            columns = [c for c, _, _ in bound]
+            nouns = [n for _, n, _ in bound for _ in range(per_image)]
+            pairs = [p for _, _, p in bound for _ in range(per_image)]
         plan = CallPlan(
             n_images=len(prompts) * per_image,
-            image_targets=[tuple(r["indices"]) for r in resolved for _ in range(per_image)],
+            image_targets=[c for c in columns for _ in range(per_image)],
             image_eos=[e for e in eos for _ in range(per_image)],
             edit_steps=edit_steps,
+            image_nouns=nouns,
+            image_pairs=pairs,
         )
         return self.run(prompt, plan, **kwargs)
+
+    def _bind(self, resolved: dict) -> tuple[tuple[int, ...], int, tuple[tuple[int, int], ...]]:
+        """Columns (the nouns' tokens, then their modifiers'), the number of noun columns, and the
+        (modifier column, noun column) pairs; records the modifiers in `resolved["modifiers"]`."""
+        tok, prompt = self.pipe.tokenizer, resolved["prompt"]
+        nouns = list(resolved["indices"])
+        columns, pairs, words = list(nouns), [], []
+        for target in resolved["targets"]:
+            idx = resolve_targets(tok, prompt, [target])
+            for m in modifier_indices(tok, prompt, idx[0], exclude=set(nouns)):
+                if m not in columns:
+                    columns.append(m)
+                pairs.append((columns.index(m), nouns.index(idx[-1])))
+                words.append(f"{token_table(tok, prompt)[m].text} -> {target}")
+        resolved["modifiers"] = words
+        return tuple(columns), len(nouns), tuple(pairs)
 
     def run(self, prompt, plan: CallPlan | None, **kwargs):
         """Call the pipeline with the processors installed for `plan` (None: only observers)."""

@@ -148,3 +148,23 @@ def _number_repeats(words: list[str]) -> list[str]:
         seen[w.lower()] = seen.get(w.lower(), 0) + 1
         out.append(w if seen[w.lower()] == 1 else f"{w}#{seen[w.lower()]}")
     return out
+
+
+_SPLIT_TOKENS = set(_SPLIT_WORDS.replace("next to", "next|to").split("|"))
+
+
+def modifier_indices(tokenizer, prompt: str, noun_index: int, exclude=()) -> list[int]:
+    """The tokens that modify the noun starting at token `noun_index`: the run of content words right
+    before it in its phrase ("a big shiny red ball" -> shiny, red), stopping at a stop word, a
+    conjunction or preposition, or punctuation (the lexical rule of `auto_targets`). Tokens in
+    `exclude` (other targets) end the run too."""
+    table = token_table(tokenizer, prompt)
+    out = []
+    i = noun_index - 1
+    while i >= 1 and i not in exclude:
+        text = table[i].text.lower()
+        if not text.isalpha() or text in _STOP or text in _SPLIT_TOKENS:
+            break
+        out.append(i)
+        i -= 1
+    return out[::-1]

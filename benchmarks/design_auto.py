@@ -34,6 +34,14 @@ CONFIGS = {
     "auto8": ("auto", {"layers": EIGHT}),
     "auto8_lift2": ("auto", {"layers": EIGHT, "lift": 2.0}),
     "auto8_lift2_nogate": ("auto", {"layers": EIGHT, "lift": 2.0, "neglect_ratio": None}),
+    "auto_bind": ("auto", {"binding": 1.0}),
+    "auto_bind3": ("auto", {"binding": 3.0}),
+    "auto_lift2_bind": ("auto", {"lift": 2.0, "binding": 1.0}),
+    "auto8_bind": ("auto", {"layers": EIGHT, "binding": 1.0}),
+    # Attend-and-Excite through the benchmark's method (one image per call), where its attn_res is measured
+    "ae16": ("attend-and-excite", {}),
+    "ae8": ("attend-and-excite", {"layers": list(EIGHT)}),
+    "ae8_s40": ("attend-and-excite", {"layers": list(EIGHT), "scale_factor": 40}),
     "auto_gate5": ("auto", {"neglect_ratio": 0.5}),
     "auto_gate9": ("auto", {"neglect_ratio": 0.9}),
     "auto_lift2_gate9": ("auto", {"lift": 2.0, "neglect_ratio": 0.9}),
@@ -70,7 +78,13 @@ def run(args) -> None:
     seeds = parse_seeds(args.seeds)
     for name in args.configs.split(","):
         spec = CONFIGS[name]
-        reg = None if spec is None else AttentionRegulator(pipe, RegulationConfig.from_preset(spec[0], **spec[1]))
+        method = reg = None
+        if spec is not None and spec[0] == "attend-and-excite":
+            from attnreg.eval.methods import make_method
+
+            method = make_method(spec[0], pipe, **spec[1])
+        elif spec is not None:
+            reg = AttentionRegulator(pipe, RegulationConfig.from_preset(spec[0], **spec[1]))
         for kind in [int(k) for k in args.kinds.split(",")]:
             for prompt in design_prompts(kind, args.prompts):
                 todo = [s for s in seeds if (name, prompt, s) not in done]
@@ -79,7 +93,10 @@ def run(args) -> None:
                 gens = [torch.Generator("cpu").manual_seed(s) for s in todo]
                 call = dict(generator=gens, num_images_per_prompt=len(todo), num_inference_steps=50, guidance_scale=7.5)
                 t0 = time.perf_counter()
-                if reg is None:
+                if method is not None:
+                    images = [method.generate(prompt, prompt_targets(prompt), g, num_inference_steps=50, guidance_scale=7.5)
+                              for g in gens]
+                elif reg is None:
                     images = pipe(prompt, **call).images
                 else:
                     images = reg(prompt, targets=prompt_targets(prompt), **call).images

@@ -31,7 +31,7 @@ def test_tokens_with_model_tokenizer(tiny_model, capsys):
 def test_generate_compare_writes_predictable_files(tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["generate", "a cat and a dog", "--targets", "cat,dog", "--model", tiny_model, "--steps", "4",
-                 "--seed", "3", "--out", str(out), "--compare"])
+                 "--seed", "3", "--out", str(out), "--compare", "--preset", "paper"])
     assert code == 0
     stem = "a-cat-and-a-dog_seed3"
     printed = capsys.readouterr().out.split()
@@ -44,6 +44,13 @@ def test_generate_compare_writes_predictable_files(tiny_model, tmp_path, capsys)
     assert compare.width > 2 * 64 * 4 - 1  # both images, upscaled, side by side
     record = json.loads(expected[3].read_text())
     assert record["targets"]["indices"] == [2, 5] and record["config"]["delta"] == 80.0
+    assert record["edited_layers"] and all(name.endswith("attn2") for name in record["edited_layers"])
+
+
+def test_generate_defaults_to_the_auto_preset(tiny_model, tmp_path, capsys):
+    assert main(["generate", "a cat and a dog", "--model", tiny_model, "--steps", "2", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["config"]["preset"] == "auto" and record["config"]["loss"] == "relative"
 
 
 def test_generate_bad_target_is_a_clear_error(tiny_model, tmp_path, capsys):
@@ -59,4 +66,4 @@ def test_generate_unknown_layer_and_preset(tiny_model, tmp_path, capsys):
     assert main(["generate", "a cat", "--model", tiny_model, "--layers", "down_blocks.5", "--out", str(tmp_path)]) == 2
     assert "valid blocks: down_blocks.1, mid_block, up_blocks.0" in capsys.readouterr().err
     assert main(["generate", "a cat", "--model", tiny_model, "--preset", "nope", "--out", str(tmp_path)]) == 2
-    assert "valid presets: paper" in capsys.readouterr().err
+    assert "valid presets: auto, paper" in capsys.readouterr().err

@@ -203,7 +203,7 @@ def test_impossible_configs():
         RegulationConfig(quantile=1.5, decay=0)
     with pytest.raises(ConfigError, match="layers is empty"):
         RegulationConfig(layers=())
-    with pytest.raises(ConfigError, match="valid presets: paper"):
+    with pytest.raises(ConfigError, match="valid presets: auto, paper"):
         RegulationConfig.from_preset("fast-ish")
 
 
