@@ -108,6 +108,18 @@ class AttnRegPaper(AttnReg):
     description = "Attention Regulation, the preset faithful to the paper"
 
 
+@register_method
+class AttnRegBind(AttnReg):
+    """The default preset with the attribute-binding option on (each target's modifiers bound to it)."""
+
+    name = "attnreg-bind"
+    preset = "auto"
+    description = "Attention Regulation, the auto preset with attribute binding (binding=1)"
+
+    def __init__(self, pipe, **options):
+        super().__init__(pipe, **{"binding": 1.0, **options})
+
+
 def cross_attention_resolution(unet, height: int, vae_scale_factor: int, layers=None) -> tuple[int, int]:
     """Side of the cross-attention maps of `layers` (default: attnreg's default layers) at `height`:
     down_blocks.i runs at latent / 2**(downsamplers before it), up_blocks.j like down_blocks.(n-1-j),
