@@ -212,3 +212,16 @@ def test_two_processes_match_one(bench, model, tmp_path):
         with Image.open(bench / one[key]["image"]) as x, Image.open(out / two[key]["image"]) as y:
             diff = np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int))
         assert diff.max() == 0, (key, diff.max())  # both runs use one thread per process: bitwise the same
+
+
+def test_attnreg_methods_name_their_presets_and_edited_layers(model):
+    from attnreg.eval.methods import make_method
+    from attnreg.pipelines import load_pipeline
+
+    pipe = load_pipeline(model)
+    default, paper, bind = (make_method(m, pipe) for m in ("attnreg", "attnreg-paper", "attnreg-bind"))
+    assert default.config()["preset"] == "auto" and paper.config()["preset"] == "paper"
+    assert bind.config()["binding"] == 1.0 and bind.config()["preset"] == "auto"
+    assert default.config()["edited_layers"] and paper.config()["edited_layers"]
+    with pytest.raises(MethodError, match="unknown option"):
+        make_method("attnreg-bind", pipe, bindings=2)
