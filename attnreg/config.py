@@ -175,6 +175,6 @@ PRESETS: dict[str, RegulationConfig] = {
     "paper": RegulationConfig(preset="paper"),
     "auto": RegulationConfig(
         loss="relative", layer_choice="calibrated", gamma=1.0, delta=1.0, epsilon=0.01, lr=1.0, init_high=0.0,
-        lift=1.0, neglect_ratio=0.8, preset="auto",
+        lift=2.0, neglect_ratio=0.8, preset="auto",
     ),
 }

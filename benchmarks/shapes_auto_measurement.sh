@@ -18,8 +18,8 @@ bench() {
     --steps 50 --guidance 7.5 --out "$OUT" --warmup --no-progress --metrics none --no-report "$@"
 }
 bench --methods sd,attnreg --seeds 0-15
+bench --methods attnreg-bind --seeds 0-15
 bench --methods sd,attnreg --seeds 16-31
 bench --methods attnreg-paper --seeds 0-15
 bench --methods attnreg-paper --seeds 0-15 --set "attnreg-paper.layers=$EIGHT"
-bench --methods attnreg-bind --seeds 0-15
 bench --methods attend-and-excite --seeds 0-15 --set "attend-and-excite.layers=$EIGHT"
