@@ -1,6 +1,7 @@
 """The command line's documented examples, on a tiny pipeline saved to a local folder."""
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -67,3 +68,16 @@ def test_generate_unknown_layer_and_preset(tiny_model, tmp_path, capsys):
     assert "valid blocks: down_blocks.1, mid_block, up_blocks.0" in capsys.readouterr().err
     assert main(["generate", "a cat", "--model", tiny_model, "--preset", "nope", "--out", str(tmp_path)]) == 2
     assert "valid presets: auto, paper" in capsys.readouterr().err
+
+
+def test_calibrate_prints_the_layers_and_writes_attnreg_json(tiny_model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat and a dog\n\na red apple and a green bowl\n")
+    assert main(["calibrate", "--model", tiny_model, "--prompts", str(prompts), "--seeds", "0", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    spec = json.loads((Path(tiny_model) / "attnreg.json").read_text())
+    assert spec["calibration"]["prompts"] == ["a cat and a dog", "a red apple and a green bowl"]
+    for layer in spec["calibration"]["layers"]:
+        assert f"* {layer}" in out
+    assert main(["calibrate", "--model", tiny_model, "--prompts", str(tmp_path / "none.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err

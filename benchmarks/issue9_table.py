@@ -1,0 +1,98 @@
+"""Issue 9's table: every method paired with sd, per kind, from a scored `shapes` benchmark folder, plus
+rows of an earlier exported run (benchmarks/data/*.jsonl.gz) on the same prompts and noise.
+
+An earlier run's rows are paired with this folder's sd only after checking that its own sd images got
+the same detections on the pairs both have (same noise, same model, same code path): the script prints
+that agreement, and leaves the earlier rows out when it is not complete.
+
+    python benchmarks/issue9_table.py runs/shapes-auto --earlier benchmarks/data/shapes-final.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+from attnreg.eval.io import iter_records
+from attnreg.eval.metrics import load_scores
+from attnreg.eval.report import paired_comparison
+
+# an earlier run's (method, config hash) -> the row's name here
+EARLIER = {
+    ("attnreg", "532d86"): "paper as shipped, 16 x 16 layers (earlier run)",
+    ("attnreg", "2830fd"): "paper on the 8 x 8 layers (earlier run)",
+    ("attend-and-excite", "72b5f3"): "Attend-and-Excite, defaults, 16 x 16 (earlier run)",
+}
+NAMES = {"sd": "sd", "attnreg": "attnreg default (auto)", "attnreg-bind": "auto + binding option",
+         "attnreg-paper": "paper as shipped"}
+
+
+def load(folder: Path) -> list[dict]:
+    scores = load_scores(folder).get("detect", {}).get("items", {})
+    rows = []
+    for r in iter_records(folder):
+        s = scores.get(r["key"])
+        if s is None:
+            continue
+        rows.append({**r, "success": bool(s["success"]), "extra": s["extra_objects"] > 0,
+                     "detections": s.get("detections"), "method": NAMES.get(r["method"], r["method"])})
+    return rows
+
+
+def load_earlier(path: Path, sd_now: dict) -> list[dict]:
+    with gzip.open(path, "rt") as f:
+        old = [json.loads(line) for line in f]
+    agree = total = 0
+    for r in old:
+        if r["method"] == "sd" and (r["subset"], r["prompt"], r["seed"]) in sd_now:
+            total += 1
+            agree += r["detect.detections"] == sd_now[(r["subset"], r["prompt"], r["seed"])]
+    print(f"earlier run {path.name}: its sd detections equal this run's on {agree} of {total} common pairs")
+    if not total or agree != total:
+        print("  -> its rows are left out (not the same images)")
+        return []
+    rows = []
+    for r in old:
+        name = EARLIER.get((r["method"], r["config_hash"]))
+        if name:
+            rows.append({**r, "method": name, "config_hash": "", "image": None, "success": bool(r["detect.success"]),
+                         "extra": r["detect.extra_objects"] > 0})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder")
+    ap.add_argument("--earlier", action="append", default=[])
+    a = ap.parse_args()
+    folder = Path(a.folder)
+    rows = load(folder)
+    sd_now = {(r["subset"], r["prompt"], r["seed"]): r["detections"] for r in rows if r["method"] == "sd"}
+    for path in a.earlier:
+        rows += load_earlier(Path(path), sd_now)
+    values = {r["key"]: r["success"] for r in rows}
+    extra = {r["key"]: r["extra"] for r in rows}
+    new = [r for r in rows if r.get("image")]
+    table = paired_comparison(new, values, extra=extra, out=folder)
+    table.update({k: v for k, v in paired_comparison(rows, values, extra=extra).items() if k not in table})
+    seeds = {}
+    for r in rows:
+        seeds.setdefault((r["subset"], r["method"]), set()).add(r["seed"])
+    print("| kind | method | seeds | pairs | sd | method | difference [95 %] | wins / losses | McNemar p | kept "
+          "| extra objects (sd -> method) | pixel diff | SSIM | time vs sd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (dataset, subset, method), r in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        s = sorted(seeds[(subset, method)])
+        cells = [subset, method, f"{s[0]}-{s[-1]}", str(r["n"]), f"{100 * r['base']:.1f} %", f"{100 * r['rate']:.1f} %",
+                 f"{100 * r['diff']:+.1f} pp [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]",
+                 f"{r['wins']} / {r['losses']}", f"{r['p']:.2g}", f"{100 * r['kept']:.1f} %",
+                 f"{100 * r['base_extra']:.1f} -> {100 * r['extra']:.1f} %",
+                 f"{r['mad']:.1f}" if "mad" in r else "-", f"{r['ssim']:.3f}" if "ssim" in r else "-",
+                 "-" if "earlier run" in method else f"{r['time_ratio']:.2f}x"]  # another run's load
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
