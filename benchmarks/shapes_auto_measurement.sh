@@ -6,6 +6,8 @@
 # other prompts and seeds (benchmarks/design_auto.py: shapes_prompts(., seed=1) minus these, seeds 1000+).
 # Two processes of one thread each; resumable: rerun the same command after a stop. The phases come in the
 # order the table needs them, each a complete block of seeds, so a run stopped anywhere is paired and balanced.
+# The `paper` rows repeat an earlier run on the same prompts and noise (benchmarks/data/shapes-final.jsonl.gz;
+# benchmarks/issue9_table.py pairs them after checking that its sd images match), so they come last.
 # Afterwards: attnreg score OUT --metrics detect && attnreg report OUT
 # Usage: bash benchmarks/shapes_auto_measurement.sh [OUT]   (default runs/shapes-auto)
 set -euo pipefail
@@ -18,8 +20,8 @@ bench() {
     --steps 50 --guidance 7.5 --out "$OUT" --warmup --no-progress --metrics none --no-report "$@"
 }
 bench --methods sd,attnreg --seeds 0-15
-bench --methods attnreg-bind --seeds 0-15
 bench --methods sd,attnreg --seeds 16-31
+bench --methods attnreg-bind --seeds 0-15
 bench --methods attnreg-paper --seeds 0-15
 bench --methods attnreg-paper --seeds 0-15 --set "attnreg-paper.layers=$EIGHT"
 bench --methods attend-and-excite --seeds 0-15 --set "attend-and-excite.layers=$EIGHT"
