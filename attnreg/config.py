@@ -15,7 +15,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RegulationConfig:
     """What Attention Regulation does, and where. The dataclass defaults are the `paper` preset; the
-    default preset of the command line and the benchmark is `auto` (below).
+    default preset of `AttentionRegulator(pipe)`, the command line and the benchmark is `auto` (below).
 
     The `paper` preset follows the authors' released code (see `method.md`), with three fixes:
     8 x 8 maps work (bump sigma is at least 1 and the bump grid spans any map size), the initial

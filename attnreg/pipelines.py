@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,18 +28,88 @@ def default_model() -> Path:
     return path
 
 
+def check_device(name: str) -> torch.device:
+    """`name` as a torch device that exists here, or a ValueError naming what is available."""
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        available.append("mps")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}; available here: {', '.join(available)}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {name!r} is not available (this torch {torch.__version__} sees "
+                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s)); "
+                         f"available here: {', '.join(available)}")
+    if device.type == "mps" and "mps" not in available:
+        raise ValueError(f"device 'mps' is not available; available here: {', '.join(available)}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not supported; available here: {', '.join(available)}")
+    return device
+
+
+def looks_local(model: str | Path) -> bool:
+    """A path the user meant as a folder (absolute, relative with a dot, or existing), not a hub id."""
+    text = str(model)
+    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def check_pipeline_folder(path: str | Path) -> None:
+    """A complete `save_pretrained` folder, or a ValueError naming the missing part."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ValueError(f"no such model folder: {path}")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a pipeline folder")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json "
+                         "(save one with pipe.save_pretrained(folder))")
+    try:
+        parts = json.loads(index.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index} is not valid JSON: {err}") from None
+    missing = [name for name, value in parts.items()
+               if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+               and not (folder / name).is_dir()]
+    if missing:
+        raise ValueError(f"the pipeline folder {folder} lacks {', '.join(missing)} (listed in model_index.json)")
+
+
+def load_tokenizer(model: str | Path):
+    """The CLIP tokenizer of a pipeline folder (its `tokenizer/`), or a ValueError naming what is missing."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(model)
+    if looks_local(model):
+        sub = folder / "tokenizer"
+        files = {p.name for p in sub.iterdir()} if sub.is_dir() else set()
+        if not ({"vocab.json", "merges.txt"} <= files or "tokenizer.json" in files):
+            raise ValueError(f"{folder} has no tokenizer (expected {sub} with vocab.json and merges.txt, as "
+                             "save_pretrained writes)")
+    try:
+        return CLIPTokenizer.from_pretrained(str(model), subfolder="tokenizer")
+    except OSError as err:
+        raise OSError(f"could not load the tokenizer of {str(model)!r}: {err}") from err
+
+
 def load_pipeline(model: str | Path | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32"):
     """A diffusers pipeline from `model` (local folder or hub id; None: the embedded model)."""
     from diffusers import DiffusionPipeline
 
     model = default_model() if model is None else model
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if looks_local(model):
+        model = os.path.expanduser(str(model))
+        check_pipeline_folder(model)
     extra = {}
     index = Path(model) / "model_index.json"
     if index.is_file() and "safety_checker" in json.loads(index.read_text()):
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, **extra)
+        pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra)
     except OSError as err:
         raise OSError(
             f"could not load the pipeline {str(model)!r}: {err}. Without access to the model hub, pass a local "

@@ -112,7 +112,8 @@ class AttentionRegulator:
     def __init__(self, pipe, config: RegulationConfig | None = None):
         check_pipeline(pipe)
         self.pipe = pipe
-        self.config = config or RegulationConfig()
+        self.config = config or RegulationConfig.from_preset("auto")  # the default preset (the dataclass's own
+        # defaults are the `paper` preset's constants)
         layers = self.config.layers
         if layers is None and self.config.layer_choice == "calibrated":
             from .calibrate import calibrated_layers

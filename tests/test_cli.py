@@ -34,7 +34,10 @@ def test_generate_compare_writes_predictable_files(tiny_model, tmp_path, capsys)
     code = main(["generate", "a cat and a dog", "--targets", "cat,dog", "--model", tiny_model, "--steps", "4",
                  "--seed", "3", "--out", str(out), "--compare", "--preset", "paper"])
     assert code == 0
-    stem = "a-cat-and-a-dog_seed3"
+    from attnreg.cli import slug
+
+    stem = f"{slug('a cat and a dog')}_seed3"
+    assert stem.startswith("a-cat-and-a-dog-") and len(stem) == len("a-cat-and-a-dog-123456_seed3")
     printed = capsys.readouterr().out.split()
     expected = [out / f"{stem}_attnreg.png", out / f"{stem}_original.png", out / f"{stem}_compare.png", out / f"{stem}.json"]
     assert printed == [str(p) for p in expected]
@@ -81,3 +84,25 @@ def test_calibrate_prints_the_layers_and_writes_attnreg_json(tiny_model, tmp_pat
         assert f"* {layer}" in out
     assert main(["calibrate", "--model", tiny_model, "--prompts", str(tmp_path / "none.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_names_never_collide():
+    from attnreg.cli import slug
+
+    assert slug("a 🐱 and a 🐶") != slug("a 🐶 and a 🐱")
+    assert slug("ein roter Kreis über einem Würfel").startswith("ein-roter-kreis-über-einem-würfel-")
+    long = "a red circle " * 10
+    assert slug(long + "and a blue square") != slug(long + "and a green square")
+
+
+def test_version_and_interrupt(tiny_model, tmp_path, capsys, monkeypatch):
+    from attnreg import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"attnreg {__version__}"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises while the model loads
+
+    monkeypatch.setattr("attnreg.pipelines.load_pipeline", interrupted)
+    assert main(["generate", "a cat", "--model", tiny_model, "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "attnreg: interrupted; nothing was written"

@@ -78,7 +78,7 @@ def test_same_seed_same_image(sd):
 
 
 def test_target_attention_rises_in_edited_layers(sd):
-    reg = AttentionRegulator(sd)
+    reg = AttentionRegulator(sd, RegulationConfig.from_preset("paper"))
     vanilla_mass, regulated_mass = TargetMass([2, 5]), TargetMass([2, 5])
     reg.state.observers.append(vanilla_mass)
     reg.run(PROMPT, None, num_inference_steps=STEPS, generator=gen(), output_type="np")
@@ -131,7 +131,7 @@ def test_v_prediction_and_bfloat16_have_no_nan():
 
 def test_sdxl_regulates_and_restores(sdxl):
     before = images(sdxl, num_inference_steps=4)
-    reg = AttentionRegulator(sdxl)
+    reg = AttentionRegulator(sdxl, RegulationConfig.from_preset("paper"))
     assert sorted({n.split(".attentions")[0] for n in reg.layers}) == ["down_blocks.1", "up_blocks.0"]
     out = images(reg, targets=["cat", "dog"], num_inference_steps=4)
     assert np.isfinite(out).all() and np.abs(out - before).max() > 1e-3
@@ -215,4 +215,5 @@ def test_model_folder_names_its_layers(tmp_path):
     tiny_sd_pipeline().save_pretrained(tmp_path)
     (tmp_path / "attnreg.json").write_text(json.dumps({"paper_layers": ["mid_block"]}))
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path)
-    assert AttentionRegulator(pipe).layers == {"mid_block.attentions.0.transformer_blocks.0.attn2"}
+    paper = RegulationConfig.from_preset("paper")
+    assert AttentionRegulator(pipe, paper).layers == {"mid_block.attentions.0.transformer_blocks.0.attn2"}

@@ -43,7 +43,7 @@ def load_pipeline(device: str = "cpu", dtype=None, path: str | Path | None = Non
 
     dtype = dtype or torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(path or model_path()), torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+        str(path or model_path()), dtype=dtype, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False, local_files_only=True,
     )
     pipe.set_progress_bar_config(disable=True)
