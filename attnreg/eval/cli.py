@@ -20,7 +20,11 @@ def _metric_options(args) -> dict:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
     from .runner import parse_sets, run_benchmark
+
+    torch.set_num_threads(args.threads)  # the images depend on it; the folder records it and refuses a mix
 
     run_benchmark(
         dataset=args.dataset, methods=args.methods, seeds=args.seeds, model=args.model, out=args.out,
@@ -72,6 +76,8 @@ def register(sub) -> None:
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                    help="a method option (JSON value), e.g. attend-and-excite.max_iter_to_alter=10, attnreg.edit_steps=20; repeatable")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default: 1)")
+    b.set_defaults(on_interrupt="finished images are kept; the same command resumes")
     b.add_argument("--force", action="store_true", help="write beside records of another configuration (never overwrites)")
     b.add_argument("--warmup", action="store_true", help="one untimed image per method first (fairer seconds/image)")
     b.add_argument("--no-report", action="store_true", help="do not write report.md at the end")

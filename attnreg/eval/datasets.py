@@ -96,6 +96,9 @@ def file_prompts(path: str | Path, name: str) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"prompt file {str(path)!r} does not exist")
+    if path.suffix.lower() not in (".txt", ".jsonl", ".json"):
+        raise DatasetError(f"prompt file {str(path)!r}: use .txt (one prompt per line) or .jsonl (one "
+                           "{\"prompt\": ..., \"targets\": [...]} per line), not {path.suffix or 'no suffix'}")
     items = []
     jsonl = path.suffix.lower() in (".jsonl", ".json")
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

@@ -73,7 +73,77 @@ def record_path(out: Path, key: str) -> Path:
 
 
 def is_done(out: Path, key: str) -> bool:
-    return record_path(out, key).is_file() and image_path(out, key).is_file()
+    """The item's record parses and its image opens: anything less (a truncated record, a 0-byte or cut
+    PNG) is not done, and a rerun makes it again."""
+    record, image = record_path(out, key), image_path(out, key)
+    if not (record.is_file() and image.is_file()):
+        return False
+    try:
+        json.loads(record.read_text(encoding="utf-8"))
+        from PIL import Image
+
+        with Image.open(image) as im:
+            im.verify()
+    except (OSError, ValueError, SyntaxError):
+        return False
+    return True
+
+
+def damaged(out: Path, key: str) -> bool:
+    """Some file of the item exists, but the item is not done."""
+    return (record_path(out, key).exists() or image_path(out, key).exists()) and not is_done(out, key)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(out: Path) -> int:
+    """Delete the temporary files of writes whose process is gone (".<name>.<pid>.tmp"); returns how many."""
+    removed = 0
+    for path in Path(out).rglob(".*.tmp"):
+        try:
+            pid = int(path.name.rsplit(".", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if not pid_alive(pid):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def claim(out: Path, key: str) -> bool:
+    """Take the item for this process: a claim file holding our pid, made atomically. False when a live
+    process holds it; a claim whose process is gone is taken over. Two plain processes on one folder thus
+    share the work instead of repeating it."""
+    path = Path(out) / "claims" / f"{key}.claim"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and pid_alive(owner):
+                return False
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(out: Path, key: str) -> None:
+    (Path(out) / "claims" / f"{key}.claim").unlink(missing_ok=True)
 
 
 def iter_records(out: Path):
@@ -88,5 +158,5 @@ def iter_records(out: Path):
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue  # never produced by our atomic writes; ignore rather than fail
-        if image_path(out, record.get("key", "")).is_file():
+        if is_done(out, record.get("key", "")):  # a damaged image is left out, as a missing one is
             yield record

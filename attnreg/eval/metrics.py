@@ -75,6 +75,23 @@ def check_metrics(names: list[str]) -> None:
         raise MetricError(f"unknown metric(s) {', '.join(bad)}; valid: {', '.join(METRICS)}, or none")
 
 
+MODEL_OPTIONS = {"clip_model": ("CLIP", "--clip-model"), "blip_model": ("BLIP", "--blip-model"),
+                 "owl_model": ("OWL", "--owl-model")}
+
+
+def check_metric_models(names: list[str], **options) -> None:
+    """Before any image is made: every model the metrics will load has a readable configuration (a local
+    folder, or the hub when it is reachable). A MetricModelError names the one that has not."""
+    from transformers import AutoConfig
+
+    for name in names:
+        settings = METRICS[name](**{k: v for k, v in options.items() if v is not None}).settings()
+        for key, value in settings.items():
+            if key in MODEL_OPTIONS:
+                kind, option = MODEL_OPTIONS[key]
+                _load(kind, str(value), option, lambda n: AutoConfig.from_pretrained(n))
+
+
 def split_prompt(prompt: str) -> list[str]:
     """A&E's halves: split on " and ", else on " with "; the whole prompt when neither occurs."""
     for sep in (" and ", " with "):

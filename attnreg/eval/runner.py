@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .datasets import Prompt, load_dataset
-from .io import atomic_save_image, atomic_write_json, is_done, item_key, iter_records, noise_seed, record_path, image_path, stable_hash
+from .io import (
+    atomic_save_image, atomic_write_json, claim, damaged, image_path, is_done, item_key, iter_records, noise_seed,
+    record_path, release, remove_stale_tmp, stable_hash,
+)
 from .methods import check_methods, make_method
 
 # The fields of a run that must agree for records to share a folder.
@@ -121,6 +124,29 @@ def check_folder(out: Path, run: dict, force: bool) -> None:
         )
 
 
+def numerics(device) -> dict:
+    """What changes an image's last bits besides the configuration: torch's version, its CPU thread count
+    (attnreg's images moved by up to 127/255 between thread counts) and the kind of device."""
+    import torch
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device).split(":")[0]}
+
+
+def check_numerics(out: Path, now: dict, force: bool) -> None:
+    """Refuse to add images made with other numerics to a folder (records of before this check carry no
+    thread count; their torch version and device are still compared)."""
+    for record in iter_records(out):
+        there = {"torch": record.get("torch"), "threads": record.get("threads"),
+                 "device": str(record.get("device", "")).split(":")[0] or None}
+        diff = {k: (there[k], now[k]) for k in now if there[k] is not None and there[k] != now[k]}
+        if diff and not force:
+            text = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ConfigMismatchError(
+                f"{out} holds images made with other numerics ({text}); the same settings give other pixels, "
+                "so a resumed run must match (for threads: --threads). Use another --out folder, or --force."
+            )
+
+
 def _local_model_height(model, size) -> int | None:
     """The default image side of a local diffusers folder, read from its configs (None: unknown)."""
     if size:
@@ -178,10 +204,11 @@ def run_benchmark(
     if unknown:
         raise ValueError(f"--set names method(s) {', '.join(unknown)} that are not in --methods {','.join(methods)}")
     seeds = parse_seeds(seeds)
-    if metrics not in (None, "auto"):
-        from .metrics import check_metrics, parse_metrics
+    if metrics == "auto":
+        metrics = "detect" if dataset == "shapes" else "clip"
+    from .metrics import check_metric_models, check_metrics, parse_metrics
 
-        check_metrics(parse_metrics(metrics))
+    check_metrics(parse_metrics(metrics))
     prompts = load_dataset(dataset, subsets, limit)
     out = Path(out)
     model_id = "embedded" if model is None else str(model)
@@ -199,6 +226,12 @@ def run_benchmark(
     run = {"dataset": dataset, "model": model_id, "steps": steps, "guidance": guidance, "height": height,
            "width": height, "dtype": dtype}
     check_folder(out, run, force)  # before anything is written
+    check_numerics(out, numerics(device), force)
+    if state.is_main_process:
+        check_metric_models(parse_metrics(metrics), device=device, **(metric_options or {}))  # before any image
+        stale = remove_stale_tmp(out) if out.is_dir() else 0
+        if stale:
+            print(f"attnreg bench: removed {stale} temporary file(s) of interrupted writes", file=sys.stderr)
 
     for p in prompts:
         if not p.targets:
@@ -219,6 +252,9 @@ def run_benchmark(
     per_group = len(methods)
     shard = [it for i, it in enumerate(items) if (i // per_group) % state.num_processes == state.process_index]
     pending = [it for it in shard if not is_done(out, it.key)]
+    broken = sum(damaged(out, it.key) for it in pending)
+    if broken:
+        print(f"attnreg bench: {broken} damaged item(s) (unreadable record or image) will be made again", file=sys.stderr)
     call = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=height)
 
     bar = tqdm(
@@ -231,8 +267,16 @@ def run_benchmark(
         for name in dict.fromkeys(it.method for it in pending):
             first = next(it for it in pending if it.method == name)
             made[name].generate(first.prompt.prompt, list(first.prompt.targets), torch.Generator("cpu").manual_seed(0), **call)
-    generated = 0
+    generated = taken_elsewhere = 0
     for it in pending:
+        if not claim(out, it.key):
+            taken_elsewhere += 1  # another process on this folder is making it
+            bar.update(1)
+            continue
+        if is_done(out, it.key):  # finished by another process since the list was made
+            release(out, it.key)
+            bar.update(1)
+            continue
         generator = torch.Generator("cpu").manual_seed(noise_seed(it.prompt.prompt, it.seed))
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -254,10 +298,11 @@ def run_benchmark(
             "config": method_configs[it.method], "config_hash": config_hash[it.method][:6], "model": model_id, "run": run,
             "seconds": seconds, "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
             "device": str(device), "process": state.process_index, "processes": state.num_processes,
-            "torch": torch.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write_json(record_path(out, it.key), record)  # last: a PNG without a record never counts
+        release(out, it.key)
         generated += 1
         bar.set_postfix(left=len(pending) - generated, refresh=False)
         bar.update(1)
@@ -266,6 +311,7 @@ def run_benchmark(
 
     summary = {
         "out": str(out), "total": len(items), "done_before": len(shard) - len(pending), "generated": generated,
+        "taken_elsewhere": taken_elsewhere,
         "shard": len(shard), "process": state.process_index, "processes": state.num_processes,
         "seconds": time.perf_counter() - started,
     }
@@ -279,9 +325,7 @@ def run_benchmark(
         f"{summary['seconds']:.1f} s, {state.num_processes} process(es) -> {out}",
         file=sys.stderr,
     )
-    if metrics == "auto":
-        metrics = "detect" if dataset == "shapes" else "clip"
-    if metrics not in (None, "none", "", []):
+    if parse_metrics(metrics):
         from .metrics import score_dir
 
         summary["scores"] = score_dir(out, metrics, device=device, progress=progress, **(metric_options or {}))
