@@ -434,7 +434,7 @@ def _int_list(text: str | None, name: str) -> list[int] | None:
 
 
 def cmd_explain(args) -> int:
-    from .cli import regulation_config, slug, split_list
+    from .cli import prepare_run, regulation_config, slug, split_list
     from .pipelines import load_pipeline
 
     steps_shown = _int_list(args.steps_shown, "--steps-shown")
@@ -442,6 +442,7 @@ def cmd_explain(args) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     config = regulation_config(args)
+    prepare_run(args)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
     if args.size:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import RegulationConfig
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
-from .tokens import auto_targets, eos_index, modifier_indices, resolve_targets, token_table
+from .tokens import TargetError, auto_targets, eos_index, modifier_indices, resolve_targets, token_table
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
@@ -131,6 +131,7 @@ class AttentionRegulator:
         source = "given"
         if targets is None:
             targets, source = auto_targets(prompt)
+            targets = self._within_reach(prompt, targets)
         indices = resolve_targets(tok, prompt, list(targets))
         table = token_table(tok, prompt)
         return {
@@ -140,6 +141,19 @@ class AttentionRegulator:
             "tokens": [table[i].text for i in indices],
             "source": source,
         }
+
+    def _within_reach(self, prompt: str, nouns: list[str]) -> list[str]:
+        """Automatic targets the text encoder sees: a noun past the tokenizer's truncation is dropped with a
+        warning (the user never chose it), where a given target there is an error."""
+        kept = []
+        for noun in nouns:
+            try:
+                resolve_targets(self.pipe.tokenizer, prompt, [noun])
+            except TargetError as err:
+                warnings.warn(f"attnreg: automatic target dropped: {err}", stacklevel=3)
+                continue
+            kept.append(noun)
+        return kept
 
     def _per_prompt_targets(self, prompts: list[str], targets) -> list:
         if targets is None or isinstance(targets, str):

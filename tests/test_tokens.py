@@ -54,3 +54,17 @@ def test_auto_targets_lexical_rule(tok):
     assert auto_targets("a red circle and a blue square", use_spacy=False)[0] == ["circle", "square"]
     nouns, _ = auto_targets("a cat and a cat", use_spacy=False)
     assert resolve_targets(tok, "a cat and a cat", nouns) == [2, 5]
+
+
+def test_automatic_targets_past_the_truncation_are_dropped_with_a_warning():
+    import warnings
+
+    from attnreg import AttentionRegulator
+    from attnreg.testing import tiny_sd_pipeline
+
+    reg = AttentionRegulator(tiny_sd_pipeline())
+    prompt = "a cat and " + "a very very red " * 20 + "dog"  # "dog" lies past token 77
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = reg.resolve(prompt, None)
+    assert info["targets"] == ["cat"] and any("dropped" in str(w.message) and "dog" in str(w.message) for w in caught)
