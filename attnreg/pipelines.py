@@ -78,6 +78,30 @@ def check_pipeline_folder(path: str | Path) -> None:
         raise ValueError(f"the pipeline folder {folder} lacks {', '.join(missing)} (listed in model_index.json)")
 
 
+def check_hub(model_id: str, timeout: float = 5.0) -> None:
+    """Fail fast, once, for a hub id that is neither in the local cache nor reachable (the hub clients
+    would otherwise retry for minutes). Offline mode (HF_HUB_OFFLINE=1) leaves it to the cache."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        snapshot_download(model_id, local_files_only=True)
+        return  # in the cache
+    except Exception:  # noqa: BLE001 - not cached (or partly): ask the hub
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ValueError(f"{model_id!r} is not in the local cache and HF_HUB_OFFLINE is set; pass a local folder "
+                         "saved with save_pretrained")
+    try:
+        HfApi().model_info(model_id, timeout=timeout)
+    except HfHubHTTPError as err:
+        raise ValueError(f"the model hub does not know {model_id!r} ({err.__class__.__name__}); pass a local folder "
+                         "saved with save_pretrained, or a valid hub id") from None
+    except Exception as err:  # noqa: BLE001 - connection errors come in many classes
+        raise ValueError(f"cannot reach the model hub for {model_id!r} ({err.__class__.__name__}); without "
+                         "network access, pass a local folder saved with save_pretrained") from None
+
+
 def load_tokenizer(model: str | Path):
     """The CLIP tokenizer of a pipeline folder (its `tokenizer/`), or a ValueError naming what is missing."""
     from transformers import CLIPTokenizer
@@ -89,6 +113,8 @@ def load_tokenizer(model: str | Path):
         if not ({"vocab.json", "merges.txt"} <= files or "tokenizer.json" in files):
             raise ValueError(f"{folder} has no tokenizer (expected {sub} with vocab.json and merges.txt, as "
                              "save_pretrained writes)")
+    else:
+        check_hub(str(model))
     try:
         return CLIPTokenizer.from_pretrained(str(model), subfolder="tokenizer")
     except OSError as err:
@@ -104,6 +130,8 @@ def load_pipeline(model: str | Path | None = None, device: str = "cpu", dtype: s
     if looks_local(model):
         model = os.path.expanduser(str(model))
         check_pipeline_folder(model)
+    else:
+        check_hub(str(model))
     extra = {}
     index = Path(model) / "model_index.json"
     if index.is_file() and "safety_checker" in json.loads(index.read_text()):

@@ -211,6 +211,8 @@ def run_benchmark(
     check_metrics(parse_metrics(metrics))
     prompts = load_dataset(dataset, subsets, limit)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
     model_id = "embedded" if model is None else str(model)
 
     early = _local_model_height(model, size)
