@@ -197,8 +197,9 @@ def figure(result: Ablation):
 
 # -- the command line ---------------------------------------------------------------------------
 def cmd_ablate(args) -> int:
-    from .cli import split_list
+    from .cli import prepare_run, split_list
 
+    prepare_run(args)  # the device exists; --threads
     result = ablate(
         args.param, args.values, dataset=args.dataset, seeds=args.seeds, model=args.model, out=args.out,
         steps=args.steps, guidance=args.guidance, size=args.size, limit=args.limit, subsets=split_list(args.subsets),
