@@ -195,32 +195,13 @@ class RegulatedAttnProcessor:
             init = torch.rand(shape, generator=state.generator).mul_(config.init_high - config.init_low).add_(config.init_low)
             init = init.to(s.device)
             key = (self.name, targets)
-            edit_images = None
+            unedited = None  # the target maps before editing: the relative loss's reference
             if config.loss == "relative":
                 unedited = probs[rows][..., t].reshape(len(rows) * heads, n_pixels, len(targets))
-                if config.neglect_ratio is not None:
-                    per_image = unedited.reshape(len(rows), heads, n_pixels, -1)
-                    edit_images = neglected(per_image[..., :n_nouns], config.quantile, config.neglect_ratio)
-                    if pairs and config.binding > 0:
-                        edit_images = edit_images | leaking(per_image, pairs, n_nouns)
-                    if not edit_images.any():  # nothing to regulate in this group at this step
-                        state.previous_best[key] = torch.zeros_like(init)
-                        continue
-                ref_high, ref_mean = reference_levels(unedited[..., :n_nouns], config.quantile)
-                if pairs and config.binding > 0:
-                    result = optimise_rows_bound(
-                        target_logits, rest_lse, bases, init, ref_high, ref_mean, pairs, n_nouns, config.binding,
-                        config.iterations, config.lr, config.loss_weights,
-                    )
-                else:
-                    result = optimise_rows(
-                        target_logits, rest_lse, bases, init, ref_high, ref_mean, config.iterations, config.lr,
-                        config.loss_weights,
-                    )
-            else:
-                result = optimise_offsets(
-                    target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights
-                )
+            result, edit_images = self._solve(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs)
+            if result is None:  # nothing to regulate in this group at this step
+                state.previous_best[key] = torch.zeros_like(init)
+                continue
             previous = state.previous_best.get(key)
             if previous is None or previous.shape != init.shape:
                 previous = init  # at the first edited step "previous" is the random start
@@ -245,6 +226,35 @@ class RegulatedAttnProcessor:
             probs[rows] = p.reshape(len(rows), heads, n_pixels, -1)
             changed = True
         return probs, changed
+
+    def _solve(self, target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs):
+        """The offsets' bump weights for one group of images: (SolverResult, which images to edit), with
+        `edit_images` None when every image is edited, and (None, None) when none needs it this step."""
+        config = self.state.config
+        if config.loss != "relative":
+            return optimise_offsets(
+                target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights
+            ), None
+        edit_images = None
+        if config.neglect_ratio is not None:
+            per_image = unedited.reshape(-1, heads, *unedited.shape[1:])
+            edit_images = neglected(per_image[..., :n_nouns], config.quantile, config.neglect_ratio)
+            if pairs and config.binding > 0:
+                edit_images = edit_images | leaking(per_image, pairs, n_nouns)
+            if not edit_images.any():
+                return None, None
+        ref_high, ref_mean = reference_levels(unedited[..., :n_nouns], config.quantile)
+        if pairs and config.binding > 0:
+            result = optimise_rows_bound(
+                target_logits, rest_lse, bases, init, ref_high, ref_mean, pairs, n_nouns, config.binding,
+                config.iterations, config.lr, config.loss_weights,
+            )
+        else:
+            result = optimise_rows(
+                target_logits, rest_lse, bases, init, ref_high, ref_mean, config.iterations, config.lr,
+                config.loss_weights,
+            )
+        return result, edit_images
 
 
 def leaking(target_maps: torch.Tensor, pairs, n_nouns: int) -> torch.Tensor:
