@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write_text
+
 CALIBRATION_VERSION = 1
 
 # Generic two- and three-object prompts, for a model that declares none (COCO-like objects, the nouns
@@ -217,13 +219,9 @@ def find_calibration(pipe) -> dict | None:
 
 def atomic_write_json(path: Path, data: dict) -> None:
     """Write `data` to `path` so that an interrupted write leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise CalibrationError(f"cannot write {path}: {err.strerror or err}") from err
 
 

@@ -118,7 +118,7 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("attnreg.calibrate.os.replace", fail)
+    monkeypatch.setattr("attnreg.files.os.replace", fail)
     with pytest.raises(CalibrationError, match="cannot write"):
         atomic_write_json(path, {"calibration": "new"})
     assert path.read_text() == '{"calibration": "old"}'

@@ -15,6 +15,8 @@ import os
 import re
 from pathlib import Path
 
+from ..files import atomic_write_text, tmp_path as _tmp
+
 
 def stable_hash(*parts) -> str:
     """sha256 hex of the parts (json-encoded): the same on every machine and Python run."""
@@ -36,18 +38,6 @@ def item_key(subset: str, method: str, prompt: str, seed: int, config_hash: str,
     return f"{slug(subset)}/{method}/{slug(prompt)}-{h}_s{seed}_{config_hash[:6]}"
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, data) -> None:
