@@ -282,10 +282,21 @@ def optimise_rows(
     """
     target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
     ref_high, ref_mean = ref_high.float(), ref_mean.float()
+    return descend_rows(
+        lambda w: relative_loss_and_grad(target_logits, rest_lse, bases, w, ref_high, ref_mean, loss),
+        init_weights, iterations, lr,
+    )
+
+
+def descend_rows(loss_and_grad_fn, init_weights: torch.Tensor, iterations: int, lr: float) -> SolverResult:
+    """`iterations` gradient steps of size `lr` on per-row losses, keeping each row's best iterate.
+
+    `loss_and_grad_fn(w)` returns the loss of every row (B,) and the gradient of each row's loss by its
+    own weights (B, K, n). The iterate after the last step is scored too."""
     w = init_weights.detach().float()
     best_w, best_loss, first_loss = w, None, None
     for i in range(iterations + 1):
-        value, grad = relative_loss_and_grad(target_logits, rest_lse, bases, w, ref_high, ref_mean, loss)
+        value, grad = loss_and_grad_fn(w)
         if best_loss is None:
             first_loss, best_loss = value, value
         else:
@@ -347,20 +358,11 @@ def optimise_rows_bound(
         value = relative_loss(probs[..., :n_nouns], w, ref_high.float(), ref_mean.float(), unregularised)
         return value + loss.epsilon * (w**2).mean(dim=(1, 2)) + binding * binding_loss(probs, pairs, nouns)
 
-    w = init_weights.detach().float()
-    best_w, best_loss, first_loss = w, None, None
-    for i in range(iterations + 1):
-        w_ = w.clone().requires_grad_(True)
+    def loss_and_grad(w: torch.Tensor):
+        w = w.clone().requires_grad_(True)
         with torch.enable_grad():
-            value = per_row(w_)
-            (grad,) = torch.autograd.grad(value.sum(), w_)
-        value = value.detach()
-        if best_loss is None:
-            first_loss, best_loss = value, value
-        else:
-            better = value < best_loss
-            best_w = torch.where(better[:, None, None], w, best_w)
-            best_loss = torch.where(better, value, best_loss)
-        if i < iterations:
-            w = w - lr * grad
-    return SolverResult(best_w, best_loss, first_loss)
+            value = per_row(w)
+            (grad,) = torch.autograd.grad(value.sum(), w)
+        return value.detach(), grad
+
+    return descend_rows(loss_and_grad, init_weights, iterations, lr)
