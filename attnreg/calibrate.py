@@ -171,16 +171,17 @@ def model_folder(pipe) -> Path | None:
     return folder if (folder / "model_index.json").is_file() else None
 
 
-def model_spec(pipe) -> dict:
-    """The model's `attnreg.json` (see docs/attnreg-json.md), or {}."""
-    folder = model_folder(pipe)
-    if folder is None or not (folder / "attnreg.json").is_file():
+def model_spec(unet) -> dict:
+    """The model's `attnreg.json` beside the folder its UNet was loaded from (docs/attnreg-json.md), or {}."""
+    source = getattr(unet.config, "_name_or_path", None)
+    spec = Path(source).parent / "attnreg.json" if source else None
+    if spec is None or not spec.is_file():
         return {}
-    return json.loads((folder / "attnreg.json").read_text())
+    return json.loads(spec.read_text())
 
 
 def model_calibration_prompts(pipe) -> list[str]:
-    return list(model_spec(pipe).get("calibration_prompts") or [])
+    return list(model_spec(pipe.unet).get("calibration_prompts") or [])
 
 
 def cache_dir() -> Path:
@@ -203,7 +204,7 @@ def cached_calibration_path(pipe) -> Path:
 
 def find_calibration(pipe) -> dict | None:
     """The model's calibration: its attnreg.json's "calibration", else the user cache's, else None."""
-    found = model_spec(pipe).get("calibration")
+    found = model_spec(pipe.unet).get("calibration")
     if found and found.get("version") == CALIBRATION_VERSION:
         return found
     path = cached_calibration_path(pipe)

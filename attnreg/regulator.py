@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import json
 import warnings
-from pathlib import Path
-
 
 from .config import RegulationConfig
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
@@ -57,13 +54,11 @@ def layer_blocks(unet) -> list[str]:
 def default_layers(unet) -> tuple[str, ...]:
     """The model's own choice (`attnreg.json` beside its weights), else every block at the lowest
     cross-attention resolution except the mid block: SD's 16 x 16 layers at 512 px."""
-    source = getattr(unet.config, "_name_or_path", None)
-    if source:
-        spec = Path(source).parent / "attnreg.json"
-        if spec.is_file():
-            layers = json.loads(spec.read_text()).get("paper_layers")
-            if layers:
-                return tuple(layers)
+    from .calibrate import model_spec
+
+    layers = model_spec(unet).get("paper_layers")
+    if layers:
+        return tuple(layers)
     blocks = layer_blocks(unet)
     downs = [b for b in blocks if b.startswith("down_blocks.")]
     ups = [b for b in blocks if b.startswith("up_blocks.")]
