@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write_text
+from . import files
 
 CALIBRATION_VERSION = 1
 
@@ -221,7 +221,7 @@ def find_calibration(pipe) -> dict | None:
 def atomic_write_json(path: Path, data: dict) -> None:
     """Write `data` to `path` so that an interrupted write leaves the previous file intact."""
     try:
-        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+        files.atomic_write_json(path, data, indent=2, sort_keys=False)
     except OSError as err:
         raise CalibrationError(f"cannot write {path}: {err.strerror or err}") from err
 

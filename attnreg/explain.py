@@ -185,7 +185,7 @@ def explain(
     )
     ex.maps_figure = maps_figure(ex, map_scale)
     ex.stats_figure = stats_figure(ex)
-    from .cli import side_by_side
+    from .figures import side_by_side
 
     caption = f"{prompt} | seed {seed} | targets: " + ", ".join(f"{t} ({i})" for t, i in zip(info["tokens"], info["indices"]))
     ex.compare = side_by_side(images["vanilla"], images["regulated"], caption)
@@ -421,68 +421,3 @@ def _violin_safe(values: np.ndarray) -> np.ndarray:
 def _bare(ax) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-# -- the command line ---------------------------------------------------------------------------
-def _int_list(text: str | None, name: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated step numbers such as 0,5,15, got {text!r}") from None
-
-
-def cmd_explain(args) -> int:
-    from .cli import prepare_run, regulation_config, slug, split_list
-    from .pipelines import load_pipeline
-
-    steps_shown = _int_list(args.steps_shown, "--steps-shown")
-    violin_steps = _int_list(args.violin_steps, "--violin-steps")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    config = regulation_config(args)
-    prepare_run(args)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
-    if args.size:
-        call.update(height=args.size, width=args.size)
-    out = Path(args.out) if args.out else Path("outputs") / f"explain_{slug(args.prompt)}_seed{args.seed}"
-    ex = explain(
-        pipe, args.prompt, targets=split_list(args.targets), seed=args.seed, steps_shown=steps_shown,
-        config=config, out=out, violin_steps=violin_steps, preview=args.preview, map_scale=args.map_scale,
-        record_layers=split_list(args.record_layers), **call,
-    )
-    for line in ex.diagnosis:
-        print(line)
-    for path in ex.files:
-        print(path)
-    return 0
-
-
-def register(subparsers) -> None:
-    from .cli import add_model_args, add_regulation_args, add_sampling_args
-
-    p = subparsers.add_parser(
-        "explain", help="record the cross-attention of a plain and a regulated run and plot it (Figs. 2, 3)",
-        description="Run PROMPT plainly and with attention regulation from the same seed; write maps.png, "
-        "stats.png, compare.png and explain.json to --out, and print a diagnosis per target.",
-    )
-    p.add_argument("prompt")
-    p.add_argument("--targets", default=None, help="comma-separated target words (default: the prompt's nouns)")
-    add_model_args(p)
-    p.add_argument("--seed", type=int, default=42)
-    add_sampling_args(p)
-    p.add_argument("--steps-shown", default=None,
-                   help="comma-separated steps of maps.png (default: 0,5,15,25,35,49 scaled to --steps)")
-    p.add_argument("--violin-steps", default=None,
-                   help="the two steps of stats.png (default: 0 and the last edited step)")
-    p.add_argument("--record-layers", default=None, help="blocks or attn2 modules to record (default: the edited ones)")
-    p.add_argument("--preview", default="latents", choices=["latents", "x0"],
-                   help="intermediate images: the current latents (default, as in the paper) or the x0 prediction")
-    p.add_argument("--map-scale", default="panel", choices=list(MAP_SCALES),
-                   help="colours of the maps: each its own range (panel, default, as the paper) or one for all (figure)")
-    p.add_argument("--out", default=None, help="output folder (default: outputs/explain_<prompt>_seed<N>)")
-    add_regulation_args(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=cmd_explain)

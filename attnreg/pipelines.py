@@ -18,16 +18,6 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
 
 
-def default_model() -> Path:
-    """The embedded shapes model shipped inside the package."""
-    from .toy import model_path
-
-    path = model_path()
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"the embedded model is missing at {path}; pass --model PATH_OR_ID")
-    return path
-
-
 def check_device(name: str) -> torch.device:
     """`name` as a torch device that exists here, or a ValueError naming what is available."""
     available = ["cpu"]
@@ -121,11 +111,14 @@ def load_tokenizer(model: str | Path):
         raise OSError(f"could not load the tokenizer of {str(model)!r}: {err}") from err
 
 
-def load_pipeline(model: str | Path | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32"):
-    """A diffusers pipeline from `model` (local folder or hub id; None: the embedded model)."""
+def load_pipeline(model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32"):
+    """A diffusers pipeline from `model` (a local `save_pretrained` folder or a hub id), with its progress
+    bar off and no safety checker; the embedded shapes model is `attnreg.toy.load_pipeline()`."""
     from diffusers import DiffusionPipeline
 
-    model = default_model() if model is None else model
+    if model is None:
+        raise ValueError("load_pipeline needs a model (a local folder or a hub id); the embedded shapes model "
+                         "is attnreg.toy.load_pipeline() or attnreg.toy.model_path()")
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if looks_local(model):
         model = os.path.expanduser(str(model))

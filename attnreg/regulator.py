@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 
+from .names import split_list
 from .config import RegulationConfig
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
 from .tokens import TargetError, auto_targets, eos_index, modifier_indices, resolve_targets, token_table
@@ -152,7 +153,7 @@ class AttentionRegulator:
 
     def _per_prompt_targets(self, prompts: list[str], targets) -> list:
         if targets is None or isinstance(targets, str):
-            targets = None if targets is None else [t.strip() for t in targets.split(",") if t.strip()]
+            targets = split_list(targets)
             return [targets] * len(prompts)
         targets = list(targets)
         if targets and all(isinstance(t, (list, tuple)) or t is None for t in targets):

@@ -34,7 +34,7 @@ def test_generate_compare_writes_predictable_files(tiny_model, tmp_path, capsys)
     code = main(["generate", "a cat and a dog", "--targets", "cat,dog", "--model", tiny_model, "--steps", "4",
                  "--seed", "3", "--out", str(out), "--compare", "--preset", "paper"])
     assert code == 0
-    from attnreg.cli import slug
+    from attnreg.names import prompt_stem as slug
 
     stem = f"{slug('a cat and a dog')}_seed3"
     assert stem.startswith("a-cat-and-a-dog-") and len(stem) == len("a-cat-and-a-dog-123456_seed3")
@@ -87,7 +87,7 @@ def test_calibrate_prints_the_layers_and_writes_attnreg_json(tiny_model, tmp_pat
 
 
 def test_names_never_collide():
-    from attnreg.cli import slug
+    from attnreg.names import prompt_stem as slug
 
     assert slug("a 🐱 and a 🐶") != slug("a 🐶 and a 🐱")
     assert slug("ein roter Kreis über einem Würfel").startswith("ein-roter-kreis-über-einem-würfel-")

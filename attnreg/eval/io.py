@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
-from ..files import atomic_write_text, tmp_path as _tmp
+from ..files import atomic_save_image, atomic_write_json  # noqa: F401 - the benchmark folder's writers
+from ..names import slug
 
 
 def stable_hash(*parts) -> str:
@@ -28,30 +28,10 @@ def noise_seed(prompt: str, seed: int) -> int:
     return int(stable_hash("noise", prompt, int(seed))[:15], 16)
 
 
-def slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "x"
-
-
 def item_key(subset: str, method: str, prompt: str, seed: int, config_hash: str, targets=()) -> str:
     """<subset>/<method>/<prompt slug>-<hash of subset, prompt, targets>_s<seed>_<config hash>."""
     h = stable_hash("item", subset, prompt, [str(t) for t in targets])[:8]
-    return f"{slug(subset)}/{method}/{slug(prompt)}-{h}_s{seed}_{config_hash[:6]}"
-
-
-
-
-def atomic_write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
-
-
-def atomic_save_image(path: Path, image) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        image.save(f, format="PNG")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return f"{slug(subset, 40)}/{method}/{slug(prompt, 40)}-{h}_s{seed}_{config_hash[:6]}"
 
 
 def image_path(out: Path, key: str) -> Path:

@@ -7,7 +7,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .io import atomic_write_text, iter_records
+from ..files import atomic_write_text
+from .io import iter_records
 from .metrics import load_scores
 
 Z95 = 1.959963984540054
@@ -331,7 +332,7 @@ def _grids(out: Path, records: list[dict], max_prompts: int = 8) -> dict:
                     continue
                 with Image.open(out / r["image"]) as im:
                     grid.paste(im.convert("RGB").resize((side, side), Image.NEAREST), (label_w + j * side, head_h + i * side))
-        from .io import slug
+        from ..names import slug
 
         path = out / f"report_grid_{slug(dataset.replace('file:', ''), 20)}_{slug(subset, 30)}.png"
         tmp = path.with_name("." + path.name + ".tmp")

@@ -152,11 +152,7 @@ def _local_model_height(model, size) -> int | None:
     if size:
         return size
     try:
-        root = Path(model) if model is not None else None
-        if root is None:
-            from attnreg.pipelines import default_model
-
-            root = default_model()
+        root = Path(model)
         unet = json.loads((root / "unet" / "config.json").read_text())
         vae = json.loads((root / "vae" / "config.json").read_text())
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
@@ -215,6 +211,10 @@ def run_benchmark(
         raise ValueError(f"--out {out} is a file, not a folder")
     model_id = "embedded" if model is None else str(model)
 
+    if model is None:
+        from ..toy import model_path
+
+        model = model_path()
     early = _local_model_height(model, size)
     if early is not None:  # refuse before the (slow) pipeline load when the folder says enough
         check_folder(out, {"dataset": dataset, "model": model_id, "steps": steps, "guidance": guidance,

@@ -36,15 +36,8 @@ def model_info(path: str | Path | None = None) -> dict:
     return json.loads((Path(path or model_path()) / "attnreg.json").read_text())
 
 
-def load_pipeline(device: str = "cpu", dtype=None, path: str | Path | None = None):
-    """The shipped toy ``StableDiffusionPipeline``, loaded offline (no safety checker)."""
-    import torch
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(device: str = "cpu", dtype="float32", path: str | Path | None = None):
+    """The shipped toy ``StableDiffusionPipeline`` (or the one saved at `path`), loaded offline."""
+    from ..pipelines import load_pipeline as load
 
-    dtype = dtype or torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path or model_path()), dtype=dtype, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, local_files_only=True,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return load(path or model_path(), device, dtype)

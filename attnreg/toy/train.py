@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_write
 from .world import COLOUR_NAMES, SHAPES, caption, random_scene, render
 
 PHASES = ("vae", "latents", "unet")
@@ -169,9 +170,7 @@ def log(msg: str) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class LossLog:

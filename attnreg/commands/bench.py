@@ -1,12 +1,15 @@
-"""Sub-commands `attnreg bench`, `attnreg score`, `attnreg report` (registered by attnreg/cli.py)."""
+"""`attnreg bench`, `attnreg score`, `attnreg report`: the benchmark of attnreg.eval."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..names import split_list
+from .common import add_sampling_args
+
 
 def _add_metric_model_args(p: argparse.ArgumentParser) -> None:
-    from .metrics import DEFAULT_BLIP, DEFAULT_CLIP, DEFAULT_OWL
+    from ..eval.metrics import DEFAULT_BLIP, DEFAULT_CLIP, DEFAULT_OWL
 
     p.add_argument("--clip-model", default=None, help=f"CLIP id or local folder for clip and blip (default {DEFAULT_CLIP})")
     p.add_argument("--blip-model", default=None, help=f"BLIP captioner id or local folder (default {DEFAULT_BLIP})")
@@ -22,14 +25,14 @@ def _metric_options(args) -> dict:
 def cmd_bench(args) -> int:
     import torch
 
-    from .runner import parse_sets, run_benchmark
+    from ..eval.runner import parse_sets, run_benchmark
 
     torch.set_num_threads(args.threads)  # the images depend on it; the folder records it and refuses a mix
 
     run_benchmark(
         dataset=args.dataset, methods=args.methods, seeds=args.seeds, model=args.model, out=args.out,
         steps=args.steps, guidance=args.guidance, size=args.size, limit=args.limit,
-        subsets=[s.strip() for s in args.subsets.split(",")] if args.subsets else None,
+        subsets=split_list(args.subsets),
         device=args.device, dtype=args.dtype, method_options=parse_sets(args.set), metrics=args.metrics,
         metric_options=_metric_options(args), force=args.force, warmup=args.warmup, progress=not args.no_progress,
         report=not args.no_report,
@@ -38,24 +41,23 @@ def cmd_bench(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .metrics import score_dir
+    from ..eval.metrics import score_dir
 
     score_dir(args.dir, args.metrics, device=args.device, progress=not args.no_progress, **_metric_options(args))
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from ..eval.report import write_report
 
     print(write_report(args.dir))
     return 0
 
 
 def register(sub) -> None:
-    from ..cli import add_sampling_args
-    from .datasets import DATASETS
-    from .methods import METHODS
-    from .metrics import METRICS
+    from ..eval.datasets import DATASETS
+    from ..eval.methods import METHODS
+    from ..eval.metrics import METRICS
 
     b = sub.add_parser(
         "bench", help="generate a data set with several methods (resumable, multi-process), then score and report",

@@ -14,7 +14,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     if args.action == "train":
-        from .train import main
+        from ..toy.train import main
     else:
-        from .evaluate import main
+        from ..toy.evaluate import main
     return main(args.args) or 0

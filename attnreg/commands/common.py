@@ -1,0 +1,141 @@
+"""What the sub-commands share: the parser class, argument types that check a value where it is typed,
+and the options of models, sampling and regulation."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..names import split_list
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one line per usage error (exit code 2), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (>= 1)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative integer (>= 0)")
+    return value
+
+
+def image_size(text: str) -> int:
+    value = _int(text)
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive multiple of 8 (the VAE halves the size 3 times)")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 1:
+        raise argparse.ArgumentTypeError(
+            f"{text} must be > 1: attnreg edits the conditional half of classifier-free guidance")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local pipeline folder or hub id (default: the embedded shapes model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the pipeline's dtype; the optimisation always runs in float32 (default: float32)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's own; results depend on it, so keep it fixed)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The pipeline-call options every sub-command that generates shares."""
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default: 50)")
+    p.add_argument("--guidance", type=guidance_scale, default=7.5, help="classifier-free guidance scale, > 1 (default: 7.5)")
+    p.add_argument("--size", type=image_size, default=None, help="image height and width, a multiple of 8 (default: the model's)")
+
+
+def prepare_run(args) -> None:
+    """Checks and settings every generating command needs before a model loads: the device exists, the
+    thread count is set."""
+    from ..pipelines import check_device
+
+    check_device(args.device)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def writable_folder(path: str) -> Path:
+    """`path` as a folder that exists and takes files, or a ValueError naming the problem."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".attnreg-write-test-{id(out)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {path} cannot be written: {err.strerror or err}") from None
+    return out
+
+
+def add_regulation_args(p: argparse.ArgumentParser) -> None:
+    from ..config import PRESETS
+
+    p.add_argument("--preset", default="auto", metavar="{" + ",".join(PRESETS) + "}",
+                   help="auto: layers and loss levels fitted to the model (default); paper: the authors' release")
+    p.add_argument("--layers", default=None, help="comma-separated blocks or attn2 modules to edit (default: the model's)")
+    p.add_argument("--edit-steps", type=non_negative_int, default=None, help="edit the first N steps (default: half)")
+
+
+def regulation_config(args):
+    from ..config import RegulationConfig
+
+    overrides = {}
+    if args.layers:
+        overrides["layers"] = tuple(split_list(args.layers))
+    if args.edit_steps is not None:
+        overrides["edit_steps"] = args.edit_steps
+    return RegulationConfig.from_preset(args.preset, **overrides)
+
+
+
+
+def int_list(text: str | None, name: str) -> list[int] | None:
+    """"0,5,15" -> [0, 5, 15]; a ValueError naming the option otherwise."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in split_list(text)]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated step numbers such as 0,5,15, got {text!r}") from None
+
+
+def load_model(args):
+    """The pipeline of --model, or the embedded shapes model when none is given."""
+    from ..pipelines import load_pipeline
+
+    if args.model is None:
+        from ..toy import model_path
+
+        return load_pipeline(model_path(), args.device, args.dtype)
+    return load_pipeline(args.model, args.device, args.dtype)
