@@ -94,6 +94,23 @@ def choose_layers(stats: dict[str, dict[str, float]], keep: float = 0.5) -> list
     return [layer for layer, s in stats.items() if s["contrast"] >= keep * best]
 
 
+def _calibration_targets(pipe, prompts, targets) -> tuple[list[str], list[list[int]]]:
+    """The prompts (given, the model's, or the generic ones) and their target token indices."""
+    from .tokens import auto_targets, resolve_targets
+
+    prompts = list(prompts or model_calibration_prompts(pipe) or DEFAULT_PROMPTS)
+    if not prompts:
+        raise CalibrationError("calibration needs at least one prompt")
+    if targets is None:
+        targets = [auto_targets(p)[0] for p in prompts]
+    if len(targets) != len(prompts):
+        raise CalibrationError(f"got {len(targets)} target lists for {len(prompts)} prompts")
+    indices = [resolve_targets(pipe.tokenizer, p, list(t)) for p, t in zip(prompts, targets)]
+    if not any(indices):
+        raise CalibrationError("no target tokens found in the calibration prompts")
+    return prompts, indices
+
+
 def calibrate(
     pipe,
     prompts: list[str] | None = None,
@@ -107,22 +124,13 @@ def calibrate(
     """Vanilla runs of `prompts` x `seeds`, every cross-attention layer observed over the first
     `edit_fraction` of the steps (the ones regulation edits); returns the statistics and the choice."""
     from .config import RegulationConfig
-    from .regulator import AttentionRegulator, cross_attention_layers
-    from .tokens import auto_targets, resolve_targets
+    from .geometry import cross_attention_layers
+    from .regulator import AttentionRegulator
 
     layers = cross_attention_layers(pipe.unet)
     if not layers:
         raise CalibrationError(f"{type(pipe.unet).__name__} has no cross-attention layer (attn2) to calibrate")
-    prompts = list(prompts or model_calibration_prompts(pipe) or DEFAULT_PROMPTS)
-    if not prompts:
-        raise CalibrationError("calibration needs at least one prompt")
-    if targets is None:
-        targets = [auto_targets(p)[0] for p in prompts]
-    if len(targets) != len(prompts):
-        raise CalibrationError(f"got {len(targets)} target lists for {len(prompts)} prompts")
-    indices = [resolve_targets(pipe.tokenizer, p, list(t)) for p, t in zip(prompts, targets)]
-    if not any(indices):
-        raise CalibrationError("no target tokens found in the calibration prompts")
+    prompts, indices = _calibration_targets(pipe, prompts, targets)
     # A regulator that edits nothing (no plan) and lets the observer see every layer.
     reg = AttentionRegulator(pipe, RegulationConfig(layers=tuple(layers)))
     observer = LayerStats([], max(1, int(steps * edit_fraction)))
@@ -132,8 +140,7 @@ def calibrate(
             pipe._interrupt = True  # diffusers skips the remaining steps; nothing after them is observed
         return {}
 
-    reg.state.observers.append(observer)
-    try:
+    with reg.observing(observer):
         for prompt, idx in zip(prompts, indices):
             if not idx:
                 continue
@@ -142,8 +149,6 @@ def calibrate(
             reg.run(prompt, None, generator=generators, num_images_per_prompt=len(seeds),
                     num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
                     callback_on_step_end=stop_after_observed)
-    finally:
-        reg.state.observers.remove(observer)
     stats = observer.summary()
     stats = {name: stats[name] for name in layers if name in stats}
     return {

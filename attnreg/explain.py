@@ -23,7 +23,7 @@ import torch
 
 from .config import RegulationConfig
 from .recording import AttentionRecorder
-from .regulator import AttentionRegulator, _default, select_layers
+from .regulator import AttentionRegulator, pipeline_default as _default, select_layers
 from .tokens import resolve_targets, token_table
 
 RUNS = ("vanilla", "regulated")

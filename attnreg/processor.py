@@ -9,17 +9,14 @@ the probabilities are computed beside it for the observers.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .config import RegulationConfig
-from .regulation import (
-    binding_loss, gaussian_bases, offsets_from_weights, optimise_offsets, optimise_rows, optimise_rows_bound,
-    quantile_along_pixels, reference_levels, smoothed_weights,
-)
+from .geometry import map_shape
+from .regulation import gaussian_bases, regulate_step
 
 
 @dataclass
@@ -34,6 +31,16 @@ class CallPlan:
     image_nouns: list[int] | None = None  # how many of image_targets are nouns, per image (None: all)
     image_pairs: list[tuple[tuple[int, int], ...]] | None = None  # (modifier column, noun column), per image
 
+    def groups(self) -> dict[tuple, list[int]]:
+        """{(targets, number of nouns, pairs): images}: images sharing their targets are solved together."""
+        groups: dict[tuple, list[int]] = {}
+        for image, targets in enumerate(self.image_targets):
+            if targets:
+                n_nouns = self.image_nouns[image] if self.image_nouns else len(targets)
+                pairs = self.image_pairs[image] if self.image_pairs else ()
+                groups.setdefault((targets, n_nouns, pairs), []).append(image)
+        return groups
+
 
 @dataclass
 class RegulationState:
@@ -44,7 +51,7 @@ class RegulationState:
     plan: CallPlan | None = None
     step: int = 0
     latent_hw: tuple[int, int] | None = None
-    generator: torch.Generator | None = None
+    generators: list[torch.Generator] = field(default_factory=list)  # per image of the call
     previous_best: dict = field(default_factory=dict)  # (layer, targets) -> weights of last step
     observers: list = field(default_factory=list)  # e.g. an attention recorder, see recording.py
     stats: dict = field(default_factory=dict)  # (layer, step, targets) -> (initial loss, best loss), 0-d tensors
@@ -52,12 +59,15 @@ class RegulationState:
 
     def start(self, plan: CallPlan | None) -> None:
         self.plan, self.step, self.latent_hw = plan, 0, None
-        self.generator = torch.Generator("cpu").manual_seed(self.config.seed)
+        # Image i draws its initial weights from its own stream (seed + i): an image does not depend on
+        # the images after it in its batch, and a single image gets the stream of one generator at `seed`.
+        n_images = plan.n_images if plan is not None else 0
+        self.generators = [torch.Generator("cpu").manual_seed(self.config.seed + i) for i in range(n_images)]
         self.previous_best.clear()
         self.stats.clear()
 
     def stop(self) -> None:
-        self.plan, self.generator = None, None
+        self.plan, self.generators = None, []
         self.previous_best.clear()
 
     def edits(self, layer: str) -> bool:
@@ -67,17 +77,14 @@ class RegulationState:
         return [o for o in self.observers if o.wants(layer, self.step)]
 
     def map_shape(self, n_pixels: int) -> tuple[int, int]:
-        """(H, W) of a layer's map from its pixel count and the latent's size."""
-        if self.latent_hw is not None:
-            h, w = self.latent_hw
-            for level in range(8):
-                hh, ww = math.ceil(h / 2**level), math.ceil(w / 2**level)
-                if hh * ww == n_pixels:
-                    return hh, ww
-        side = math.isqrt(n_pixels)
-        if side * side != n_pixels:
-            raise ValueError(f"cannot tell the shape of a {n_pixels}-pixel attention map")
-        return side, side
+        """(H, W) of a layer's map from its pixel count and this call's latent size."""
+        return map_shape(n_pixels, self.latent_hw)
+
+    def initial_weights(self, images: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+        """Each image's (heads, K, n) initial weights, uniform in [init_low, init_high), stacked to (B, K, n)."""
+        low, high = self.config.init_low, self.config.init_high
+        draws = [torch.rand(shape, generator=self.generators[i]).mul_(high - low).add_(low) for i in images]
+        return torch.cat(draws)
 
     def bases(self, hw: tuple[int, int], device) -> torch.Tensor:
         key = (hw, str(device))
@@ -164,11 +171,9 @@ class RegulatedAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
     def _regulate(self, scores: torch.Tensor, probs: torch.Tensor, n_pixels: int) -> tuple[torch.Tensor, bool]:
-        """Replace the conditional half's probabilities by softmax(S + Delta) (Sec. 4, Alg. 1).
-
-        Returns the probabilities and whether any image was changed (with a `neglect_ratio`, images whose
-        targets already hold similar attention are left as they are)."""
-        state, config, plan = self.state, self.state.config, self.state.plan
+        """The conditional half's probabilities after regulation (regulation.regulate_step per group of
+        images sharing their targets), and whether any image was changed."""
+        state, plan = self.state, self.state.plan
         batch, heads = scores.shape[:2]
         n = plan.n_images
         if batch != 2 * n:
@@ -177,96 +182,19 @@ class RegulatedAttnProcessor:
             )
         bases = state.bases(state.map_shape(n_pixels), scores.device)
         probs, changed = probs.clone(), False
-        groups: dict[tuple, list[int]] = {}
-        for image, targets in enumerate(plan.image_targets):
-            if targets:
-                n_nouns = plan.image_nouns[image] if plan.image_nouns else len(targets)
-                pairs = plan.image_pairs[image] if plan.image_pairs else ()
-                groups.setdefault((targets, n_nouns, pairs), []).append(image)
-        for (targets, n_nouns, pairs), images in groups.items():
+        for (targets, n_nouns, pairs), images in plan.groups().items():
             rows = [n + i for i in images]  # the conditional half comes second
-            s = scores[rows].reshape(len(rows) * heads, n_pixels, -1)  # (B, P, J)
-            t = torch.tensor(targets, device=s.device)
-            keep = torch.ones(s.shape[-1], dtype=torch.bool, device=s.device)
-            keep[t] = False
-            target_logits, rest_lse = s[..., t], torch.logsumexp(s[..., keep], dim=-1, keepdim=True)
-
-            shape = (s.shape[0], bases.shape[0], len(targets))
-            init = torch.rand(shape, generator=state.generator).mul_(config.init_high - config.init_low).add_(config.init_low)
-            init = init.to(s.device)
+            init = state.initial_weights(images, (heads, bases.shape[0], len(targets))).to(scores.device)
             key = (self.name, targets)
-            unedited = None  # the target maps before editing: the relative loss's reference
-            if config.loss == "relative":
-                unedited = probs[rows][..., t].reshape(len(rows) * heads, n_pixels, len(targets))
-            result, edit_images = self._solve(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs)
-            if result is None:  # nothing to regulate in this group at this step
+            eos = torch.tensor([plan.image_eos[i] for i in images], device=scores.device).repeat_interleave(heads)
+            flat = lambda x: x[rows].reshape(len(rows) * heads, n_pixels, -1)  # noqa: E731 - (B, P, J)
+            done = regulate_step(flat(scores), flat(probs), targets, bases, init, state.previous_best.get(key),
+                                 state.step, state.config, heads=heads, eos=eos, n_nouns=n_nouns, pairs=pairs)
+            if done is None:  # no image of this group needs regulation at this step
                 state.previous_best[key] = torch.zeros_like(init)
                 continue
-            previous = state.previous_best.get(key)
-            if previous is None or previous.shape != init.shape:
-                previous = init  # at the first edited step "previous" is the random start
-            applied = smoothed_weights(previous, result.weights, state.step, config.smoothing, config.decay)
-            if edit_images is not None:
-                applied = applied * edit_images.repeat_interleave(heads)[:, None, None]
-            state.previous_best[key] = result.weights
-            state.stats[(self.name, state.step, targets)] = (result.initial_loss, result.loss)
-
-            edited = s.clone()
-            edited[..., t] = edited[..., t] + offsets_from_weights(applied, bases)
-            p = edited.softmax(dim=-1)
-            if config.restore_special:
-                eos = torch.tensor([plan.image_eos[i] for i in images], device=s.device).repeat_interleave(heads)
-                original = probs[rows].reshape_as(p)
-                p[..., 0] = original[..., 0]
-                b = torch.arange(p.shape[0], device=s.device)
-                p[b, :, eos] = original[b, :, eos]
-            if edit_images is not None:  # images left alone keep their probabilities exactly
-                keep_rows = ~edit_images.repeat_interleave(heads)
-                p[keep_rows] = probs[rows].reshape_as(p)[keep_rows]
-            probs[rows] = p.reshape(len(rows), heads, n_pixels, -1)
+            state.previous_best[key] = done.weights
+            state.stats[(self.name, state.step, targets)] = (done.initial_loss, done.loss)
+            probs[rows] = done.probs.reshape(len(rows), heads, n_pixels, -1)
             changed = True
         return probs, changed
-
-    def _solve(self, target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs):
-        """The offsets' bump weights for one group of images: (SolverResult, which images to edit), with
-        `edit_images` None when every image is edited, and (None, None) when none needs it this step."""
-        config = self.state.config
-        if config.loss != "relative":
-            return optimise_offsets(
-                target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights
-            ), None
-        edit_images = None
-        if config.neglect_ratio is not None:
-            per_image = unedited.reshape(-1, heads, *unedited.shape[1:])
-            edit_images = neglected(per_image[..., :n_nouns], config.quantile, config.neglect_ratio)
-            if pairs and config.binding > 0:
-                edit_images = edit_images | leaking(per_image, pairs, n_nouns)
-            if not edit_images.any():
-                return None, None
-        ref_high, ref_mean = reference_levels(unedited[..., :n_nouns], config.quantile)
-        if pairs and config.binding > 0:
-            result = optimise_rows_bound(
-                target_logits, rest_lse, bases, init, ref_high, ref_mean, pairs, n_nouns, config.binding,
-                config.iterations, config.lr, config.loss_weights,
-            )
-        else:
-            result = optimise_rows(
-                target_logits, rest_lse, bases, init, ref_high, ref_mean, config.iterations, config.lr,
-                config.loss_weights,
-            )
-        return result, edit_images
-
-
-def leaking(target_maps: torch.Tensor, pairs, n_nouns: int) -> torch.Tensor:
-    """Which images have a modifier whose (head-averaged) map overlaps another noun more than its own."""
-    return binding_loss(target_maps.mean(dim=1), pairs, tuple(range(n_nouns))) > 0
-
-
-def neglected(target_maps: torch.Tensor, quantile: float, ratio: float) -> torch.Tensor:
-    """Which images need regulation: (images, heads, P, n) unedited target maps -> (images,) bool.
-
-    On the head-averaged maps, an image is neglecting a target when its weakest target's top-decile
-    level is below `ratio` times its strongest one's. One target is never neglected.
-    """
-    level = quantile_along_pixels(target_maps.mean(dim=1), quantile)[0]  # (images, n)
-    return level.amin(dim=-1) < ratio * level.amax(dim=-1)

@@ -182,12 +182,10 @@ class AttentionRecorder:
             with recorder.attached(reg):
                 reg.run(prompt, None, generator=g)   # or reg(prompt, targets=...)
         """
-        observers = regulator.state.observers
-        observers.append(self)
         try:
-            yield self
+            with regulator.observing(self):
+                yield self
         finally:
-            observers.remove(self)
             self.finish()
 
     # -- the observer protocol ------------------------------------------------------------------

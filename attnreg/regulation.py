@@ -110,9 +110,11 @@ def quantile_along_pixels(probs: torch.Tensor, q: float):
 
 
 def loss_and_grad(
-    target_logits: torch.Tensor, rest_lse: torch.Tensor, bases: torch.Tensor, w: torch.Tensor, loss: LossWeights
+    target_logits: torch.Tensor, rest_lse: torch.Tensor, bases: torch.Tensor, w: torch.Tensor, loss: LossWeights,
+    per_row: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`regulation_loss` at weights w and its gradient dL/dw, in closed form.
+    """`regulation_loss` at weights w (or, with `per_row`, each row's share of it) and the gradient of the
+    batch loss dL/dw, in closed form.
 
     The same numbers as autograd through `regulation_loss` (tested), in a fixed ~25 tensor operations
     instead of ~125: on a GPU every operation is a kernel launch, and launches were the release's cost.
@@ -122,7 +124,10 @@ def loss_and_grad(
     high, i_lo, i_hi, frac = quantile_along_pixels(probs, loss.quantile)  # (B, n)
     mean = probs.mean(dim=1)
     d_high, d_mean = high - loss.high_target, mean - target_share(n, loss.per_target_share)
-    value = loss.gamma * (d_high**2).mean() + loss.delta * (d_mean**2).mean() + loss.epsilon * (w**2).mean()
+    if per_row:  # each row's own loss (B,); their mean is the batch loss
+        value = loss.gamma * (d_high**2).mean(-1) + loss.delta * (d_mean**2).mean(-1) + loss.epsilon * (w**2).mean((1, 2))
+    else:
+        value = loss.gamma * (d_high**2).mean() + loss.delta * (d_mean**2).mean() + loss.epsilon * (w**2).mean()
     g_high = (2 * loss.gamma / (b * n)) * d_high
     g_mean = (2 * loss.delta / (b * n)) * d_mean
     grad = _weights_grad(probs, g_high, g_mean, i_lo, i_hi, frac, bases) + (2 * loss.epsilon / w.numel()) * w
@@ -157,25 +162,33 @@ def optimise_offsets(
     iterations: int = 20,
     lr: float = 100.0,
     loss: LossWeights = LossWeights(),
+    images: int = 1,
 ) -> SolverResult:
     """Plain gradient descent on the bump weights w (B, K, n), keeping the lowest-loss iterate.
 
     As released: the loss is evaluated before every update, the step is `lr` per (image, head), i.e.
     lr * B times the gradient of the batch mean, and the iterate after the last update is not scored.
+    The release keeps the best iterate of the whole batch; with `images` > 1 (B = images x heads) each
+    image keeps its own (by the mean loss of its rows), so an image does not depend on its batch; for
+    one image the two are the same.
     Runs in fp32; the gradient is in closed form, so nothing flows back into the model.
     """
     target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
     w = init_weights.detach().float()
-    best_w, best_loss, first_loss = w, torch.full((), math.inf, device=w.device), None
+    rows_per_image = w.shape[0] // images
+    best_w, best_loss, first_loss = w, torch.full((images,) if images > 1 else (), math.inf, device=w.device), None
     step = lr * w.shape[0]
     for _ in range(iterations):
-        value, grad = loss_and_grad(target_logits, rest_lse, bases, w, loss)
+        value, grad = loss_and_grad(target_logits, rest_lse, bases, w, loss, per_row=images > 1)
+        if images > 1:
+            value = value.view(images, rows_per_image).mean(dim=1)
         first_loss = value if first_loss is None else first_loss
         # Keep the best iterate on the device: no host sync inside the loop.
         better = value < best_loss
-        best_w, best_loss = torch.where(better, w, best_w), torch.where(better, value, best_loss)
+        pick = better.repeat_interleave(rows_per_image)[:, None, None] if images > 1 else better
+        best_w, best_loss = torch.where(pick, w, best_w), torch.where(better, value, best_loss)
         w = w - step * grad
-    return SolverResult(best_w, best_loss, first_loss)
+    return SolverResult(best_w, best_loss.mean(), first_loss.mean())
 
 
 def offsets_from_weights(weights: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
@@ -366,3 +379,110 @@ def optimise_rows_bound(
         return value.detach(), grad
 
     return descend_rows(loss_and_grad, init_weights, iterations, lr)
+
+
+# -- one edited layer call (Alg. 1): solve, smooth, add the offsets, softmax again ----------------------
+
+
+def neglected(target_maps: torch.Tensor, quantile: float, ratio: float) -> torch.Tensor:
+    """Which images need regulation: (images, heads, P, n) unedited target maps -> (images,) bool.
+
+    On the head-averaged maps, an image is neglecting a target when its weakest target's top-decile
+    level is below `ratio` times its strongest one's. One target is never neglected.
+    """
+    level = quantile_along_pixels(target_maps.mean(dim=1), quantile)[0]  # (images, n)
+    return level.amin(dim=-1) < ratio * level.amax(dim=-1)
+
+
+def leaking(target_maps: torch.Tensor, pairs, n_nouns: int) -> torch.Tensor:
+    """Which images have a modifier whose (head-averaged) map overlaps another noun more than its own."""
+    return binding_loss(target_maps.mean(dim=1), pairs, tuple(range(n_nouns))) > 0
+
+
+@dataclass
+class RegulatedStep:
+    """What one edited layer call did to a group of images that share their targets."""
+
+    probs: torch.Tensor  # (B, P, J) the probabilities to use: edited rows changed, others as they were
+    weights: torch.Tensor  # (B, K, n) the best weights found, the next step's "previous best"
+    initial_loss: torch.Tensor
+    loss: torch.Tensor
+
+
+def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_nouns: int, pairs, config):
+    """The bump weights for one group: (SolverResult, which images to edit); `edit_images` is None when
+    every image is edited, and the answer is (None, None) when no image needs it at this step.
+    `config` is a RegulationConfig (its loss, solver and neglect fields)."""
+    if config.loss != "relative":
+        return optimise_offsets(
+            target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights,
+            images=target_logits.shape[0] // heads,
+        ), None
+    edit_images = None
+    if config.neglect_ratio is not None:
+        per_image = unedited.reshape(-1, heads, *unedited.shape[1:])
+        edit_images = neglected(per_image[..., :n_nouns], config.quantile, config.neglect_ratio)
+        if pairs and config.binding > 0:
+            edit_images = edit_images | leaking(per_image, pairs, n_nouns)
+        if not edit_images.any():
+            return None, None
+    ref_high, ref_mean = reference_levels(unedited[..., :n_nouns], config.quantile)
+    if pairs and config.binding > 0:
+        return optimise_rows_bound(
+            target_logits, rest_lse, bases, init, ref_high, ref_mean, pairs, n_nouns, config.binding,
+            config.iterations, config.lr, config.loss_weights,
+        ), edit_images
+    return optimise_rows(
+        target_logits, rest_lse, bases, init, ref_high, ref_mean, config.iterations, config.lr, config.loss_weights,
+    ), edit_images
+
+
+def regulate_step(
+    scores: torch.Tensor,
+    probs: torch.Tensor,
+    targets: tuple[int, ...],
+    bases: torch.Tensor,
+    init: torch.Tensor,
+    previous: torch.Tensor | None,
+    step: int,
+    config,
+    *,
+    heads: int,
+    eos: torch.Tensor,
+    n_nouns: int | None = None,
+    pairs: tuple = (),
+) -> RegulatedStep | None:
+    """Attention Regulation at one edited layer and step, for rows sharing `targets` (Sec. 4, Alg. 1).
+
+    scores, probs: (B, P, J) logits S and softmax(S) of the conditional rows, B = images x heads.
+    The solver finds bump weights w from `init`; the weights applied are `smoothed_weights` of the
+    previous step's best (`previous`, or `init` at the first edited step) and this step's; the offsets
+    Delta = sum_k w_k G_k are added to the targets' logits and the softmax is taken again. SOS and the
+    first EOS (`eos`, per row) keep their original probabilities when `config.restore_special` (as
+    released). Images the neglect test leaves alone keep their rows exactly. None: nothing to edit.
+    """
+    n_nouns = len(targets) if n_nouns is None else n_nouns
+    t = torch.tensor(targets, device=scores.device)
+    keep = torch.ones(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    keep[t] = False
+    target_logits, rest_lse = scores[..., t], torch.logsumexp(scores[..., keep], dim=-1, keepdim=True)
+    unedited = probs[..., t] if config.loss == "relative" else None  # the relative loss's reference
+    result, edit_images = solve_weights(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs, config)
+    if result is None:
+        return None
+    if previous is None or previous.shape != init.shape:
+        previous = init  # at the first edited step "previous" is the initial weights
+    applied = smoothed_weights(previous, result.weights, step, config.smoothing, config.decay)
+    edit_rows = None if edit_images is None else edit_images.repeat_interleave(heads)
+    if edit_rows is not None:
+        applied = applied * edit_rows[:, None, None]
+    edited = scores.clone()
+    edited[..., t] = edited[..., t] + offsets_from_weights(applied, bases)
+    p = edited.softmax(dim=-1)
+    if config.restore_special:
+        p[..., 0] = probs[..., 0]
+        rows = torch.arange(p.shape[0], device=p.device)
+        p[rows, :, eos] = probs[rows, :, eos]
+    if edit_rows is not None:
+        p[~edit_rows] = probs[~edit_rows]
+    return RegulatedStep(p, result.weights, result.initial_loss, result.loss)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from contextlib import contextmanager
 
-from .names import split_list
 from .config import RegulationConfig
+from .geometry import block_level, cross_attention_layers, layer_blocks
+from .names import split_list
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
 from .tokens import TargetError, auto_targets, eos_index, modifier_indices, resolve_targets, token_table
 
@@ -35,23 +37,6 @@ def check_pipeline(pipe) -> None:
         )
 
 
-def cross_attention_layers(unet) -> list[str]:
-    """Names of the UNet's cross-attention modules ("...attn2"), in forward order."""
-    return [k.removesuffix(".processor") for k in unet.attn_processors if k.endswith("attn2.processor")]
-
-
-def layer_blocks(unet) -> list[str]:
-    """The block prefixes that hold cross-attention ("down_blocks.2", "mid_block", ...)."""
-    blocks = []
-    for name in cross_attention_layers(unet):
-        parts = name.split(".")
-        block = parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
-        if block not in blocks:
-            blocks.append(block)
-    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}  # the forward order, not registration order
-    return sorted(blocks, key=lambda b: (order[b.split(".")[0]], int(b.split(".")[1]) if "." in b else 0))
-
-
 def default_layers(unet) -> tuple[str, ...]:
     """The model's own choice (`attnreg.json` beside its weights), else every block at the lowest
     cross-attention resolution except the mid block: SD's 16 x 16 layers at 512 px."""
@@ -65,11 +50,9 @@ def default_layers(unet) -> tuple[str, ...]:
     ups = [b for b in blocks if b.startswith("up_blocks.")]
     if not downs or not ups:
         return tuple(b for b in blocks if b != "mid_block") or tuple(blocks)
-    deepest = max(int(b.split(".")[1]) for b in downs)
-    n_up = len(unet.up_blocks)
-    # up_blocks.j runs at the resolution of down_blocks.(n_up - 1 - j)
-    same = [b for b in ups if n_up - 1 - int(b.split(".")[1]) == deepest]
-    return (f"down_blocks.{deepest}", *same)
+    deepest = max(downs, key=lambda b: int(b.split(".")[1]))
+    level = block_level(unet, deepest)
+    return (deepest, *(b for b in ups if block_level(unet, b) == level))
 
 
 def select_layers(unet, layers: tuple[str, ...] | None) -> frozenset[str]:
@@ -89,7 +72,8 @@ def select_layers(unet, layers: tuple[str, ...] | None) -> frozenset[str]:
     return frozenset(chosen)
 
 
-def _default(pipe, name: str):
+def pipeline_default(pipe, name: str):
+    """The default of one of the pipeline's call arguments (num_inference_steps, guidance_scale, ...)."""
     return inspect.signature(type(pipe).__call__).parameters[name].default
 
 
@@ -164,24 +148,55 @@ class AttentionRegulator:
 
     # -- the call -------------------------------------------------------------------------------
     def __call__(self, prompt: str | list[str], targets=None, **kwargs):
+        """The pipeline's output for `prompt`, regulated on `targets` (None: the prompt's nouns)."""
+        plan = self.plan(prompt, targets, **kwargs)
+        if plan is None:
+            warnings.warn("attnreg: no targets given or found; running the pipeline without regulation", stacklevel=2)
+            return self.pipe(prompt=prompt, **kwargs)
+        return self.run(prompt, plan, **kwargs)
+
+    def plan(self, prompt: str | list[str], targets=None, **kwargs) -> CallPlan | None:
+        """What a call with these arguments edits: targets resolved (kept in `last_targets`), the call
+        checked, the edited steps fixed. None when no prompt has a target."""
         if self._removed:
             raise RuntimeError("this AttentionRegulator was removed; make a new one")
         if prompt is None or kwargs.get("prompt_embeds") is not None:
             raise ValueError("attnreg needs the prompt text (to find the target tokens), not prompt_embeds")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        per_prompt = self._per_prompt_targets(prompts, targets)
-        resolved = [self.resolve(p, t) for p, t in zip(prompts, per_prompt)]
+        resolved = [self.resolve(p, t) for p, t in zip(prompts, self._per_prompt_targets(prompts, targets))]
         for r in resolved:
             if r["source"] != "given":
                 chosen = ", ".join(f"{w} -> {i}" for w, i in zip(r["tokens"], r["indices"])) or "none found"
                 print(f"attnreg: targets for {r['prompt']!r} ({r['source']}): {chosen}")
         self.last_targets = resolved
+        _, edit_steps = self.call_steps(kwargs)
+        if not any(r["indices"] for r in resolved):
+            return None
+        per_image = kwargs.get("num_images_per_prompt", 1) or 1
+        eos = [eos_index(self.pipe.tokenizer, r["prompt"]) for r in resolved]  # once per prompt, not per image
+        columns, nouns, pairs = [tuple(r["indices"]) for r in resolved], None, None
+        if self.config.binding > 0:
+            bound = [self._bind(r) for r in resolved]
+            columns = [c for c, _, _ in bound]
+            nouns = [n for _, n, _ in bound for _ in range(per_image)]
+            pairs = [p for _, _, p in bound for _ in range(per_image)]
+        return CallPlan(
+            n_images=len(prompts) * per_image,
+            image_targets=[c for c in columns for _ in range(per_image)],
+            image_eos=[e for e in eos for _ in range(per_image)],
+            edit_steps=edit_steps,
+            image_nouns=nouns,
+            image_pairs=pairs,
+        )
 
-        steps = kwargs.get("num_inference_steps", _default(self.pipe, "num_inference_steps"))
+    def call_steps(self, kwargs: dict) -> tuple[int, int]:
+        """(denoising steps, edited steps) of a call with these pipeline keywords, or a GuidanceError when
+        the call cannot be regulated (no unconditional half, more edited steps than steps)."""
+        steps = kwargs.get("num_inference_steps") or pipeline_default(self.pipe, "num_inference_steps")
         edit_steps = steps // 2 if self.config.edit_steps is None else self.config.edit_steps
         if edit_steps > steps:
             raise GuidanceError(f"edit_steps={edit_steps} is larger than num_inference_steps={steps}")
-        guidance = kwargs.get("guidance_scale", _default(self.pipe, "guidance_scale"))
+        guidance = kwargs.get("guidance_scale", pipeline_default(self.pipe, "guidance_scale"))
         if getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is not None:
             raise GuidanceError(
                 "attnreg edits the conditional half of classifier-free guidance, and this UNet is guidance-"
@@ -193,27 +208,18 @@ class AttentionRegulator:
                 f"attnreg edits the conditional half of classifier-free guidance; guidance_scale={guidance} "
                 "gives no unconditional half. Use guidance_scale > 1."
             )
-        if not any(r["indices"] for r in resolved):
-            warnings.warn("attnreg: no targets given or found; running the pipeline without regulation", stacklevel=2)
-            return self.pipe(prompt=prompt, **kwargs)
+        return int(steps), int(edit_steps)
 
-        per_image = kwargs.get("num_images_per_prompt", 1) or 1
-        eos = [eos_index(self.pipe.tokenizer, r["prompt"]) for r in resolved]  # once per prompt, not per image
-        columns, nouns, pairs = [tuple(r["indices"]) for r in resolved], None, None
-        if self.config.binding > 0:
-            bound = [self._bind(r) for r in resolved]
-            columns = [c for c, _, _ in bound]
-            nouns = [n for _, n, _ in bound for _ in range(per_image)]
-            pairs = [p for _, _, p in bound for _ in range(per_image)]
-        plan = CallPlan(
-            n_images=len(prompts) * per_image,
-            image_targets=[c for c in columns for _ in range(per_image)],
-            image_eos=[e for e in eos for _ in range(per_image)],
-            edit_steps=edit_steps,
-            image_nouns=nouns,
-            image_pairs=pairs,
-        )
-        return self.run(prompt, plan, **kwargs)
+    @contextmanager
+    def observing(self, *observers):
+        """Let `observers` (e.g. an AttentionRecorder) see the cross-attention of the calls made inside the
+        `with` block: `reg(...)` regulated, `reg.run(prompt, None, ...)` plain."""
+        self.state.observers.extend(observers)
+        try:
+            yield self
+        finally:
+            for observer in observers:
+                self.state.observers.remove(observer)
 
     def _bind(self, resolved: dict) -> tuple[tuple[int, ...], int, tuple[tuple[int, int], ...]]:
         """Columns (the nouns' tokens, then their modifiers'), the number of noun columns, and the
@@ -232,7 +238,8 @@ class AttentionRegulator:
         return tuple(columns), len(nouns), tuple(pairs)
 
     def run(self, prompt, plan: CallPlan | None, **kwargs):
-        """Call the pipeline with the processors installed for `plan` (None: only observers)."""
+        """Call the pipeline with the processors installed for `plan` (None: a plain call, seen by the
+        observers only)."""
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
         unet, state = self.pipe.unet, self.state

@@ -11,7 +11,7 @@ from attnreg.calibrate import (
     CalibrationError, atomic_write_json, cached_calibration_path, calibrate, find_calibration, write_calibration,
 )
 from attnreg.config import ConfigError
-from attnreg.processor import neglected
+from attnreg.regulation import neglected
 from attnreg.regulation import (
     RelativeLoss, gaussian_bases, offsets_from_weights, optimise_rows, reference_levels, relative_loss,
     relative_loss_and_grad, target_probs,
@@ -125,7 +125,8 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_a_model_without_attnreg_json_is_calibrated_once_and_cached(capsys):
+def test_a_model_without_attnreg_json_is_calibrated_once_and_cached(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNREG_CACHE", str(tmp_path))  # empty, whichever tests ran before
     pipe = tiny_sd_pipeline(seed=3)
     assert find_calibration(pipe) is None
     reg = AttentionRegulator(pipe, RegulationConfig.from_preset("auto"))

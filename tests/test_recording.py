@@ -8,7 +8,7 @@ import torch
 from attnreg import AttentionRegulator, RegulationConfig
 from attnreg.processor import RegulatedAttnProcessor
 from attnreg.recording import AttentionRecorder
-from attnreg.regulator import cross_attention_layers
+from attnreg.geometry import cross_attention_layers
 from attnreg.testing import tiny_sd_pipeline
 
 PROMPT = "a cat and a dog"  # tokens: 0 SOS, 1 a, 2 cat, 3 and, 4 a, 5 dog, 6 EOS
@@ -68,11 +68,8 @@ def test_all_tokens_and_layer_average(pipe):
     torch.testing.assert_close(total, torch.ones_like(total), atol=1e-4, rtol=0)
     pair = AttentionRecorder(layers=layers[:2], steps=[1], resolution=16)
     singles = [AttentionRecorder(layers=[layer], steps=[1], resolution=16) for layer in layers[:2]]
-    reg.state.observers.extend(singles)  # several observers at once
-    try:
+    with reg.observing(*singles):  # several observers at once
         recorded(reg, pair, vanilla=True)
-    finally:
-        del reg.state.observers[:]
     torch.testing.assert_close(pair.map(1), torch.stack([one.map(1) for one in singles]).mean(0))
 
 

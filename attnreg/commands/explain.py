@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..explain import MAP_SCALES
 from ..names import prompt_stem, split_list
-from .common import add_model_args, add_regulation_args, add_sampling_args, int_list, load_model, prepare_run, regulation_config
+from .common import (
+    add_model_args, add_regulation_args, add_sampling_args, int_list, load_model, prepare_run, regulation_config,
+    writable_folder,
+)
 
 
 def cmd_explain(args) -> int:
@@ -14,15 +15,20 @@ def cmd_explain(args) -> int:
 
     steps_shown = int_list(args.steps_shown, "--steps-shown")
     violin_steps = int_list(args.violin_steps, "--violin-steps")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    for name, steps in (("--steps-shown", steps_shown), ("--violin-steps", violin_steps)):
+        if steps and not all(0 <= s < args.steps for s in steps):
+            raise ValueError(f"{name} must be steps in 0..{args.steps - 1} (--steps {args.steps}), got {steps}")
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty; give the text to draw, e.g. \"a red circle and a blue square\"")
     config = regulation_config(args)
+    if args.edit_steps is not None and args.edit_steps > args.steps:
+        raise ValueError(f"--edit-steps {args.edit_steps} is more than --steps {args.steps}")
     prepare_run(args)
+    out = writable_folder(args.out or f"outputs/explain_{prompt_stem(args.prompt)}_seed{args.seed}")
     pipe = load_model(args)
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
     if args.size:
         call.update(height=args.size, width=args.size)
-    out = Path(args.out) if args.out else Path("outputs") / f"explain_{prompt_stem(args.prompt)}_seed{args.seed}"
     ex = explain(
         pipe, args.prompt, targets=split_list(args.targets), seed=args.seed, steps_shown=steps_shown,
         config=config, out=out, violin_steps=violin_steps, preview=args.preview, map_scale=args.map_scale,

@@ -28,51 +28,56 @@ def register(sub) -> None:
 def cmd_generate(args) -> int:
     import torch
 
-    from ..figures import side_by_side
     from ..regulator import AttentionRegulator
 
     if not args.prompt.strip():
         raise ValueError("the prompt is empty; give the text to draw, e.g. \"a red circle and a blue square\"")
     if args.edit_steps is not None and args.edit_steps > args.steps:
         raise ValueError(f"--edit-steps {args.edit_steps} is more than --steps {args.steps}")
+    targets = split_list(args.targets)
+    if args.targets is not None and not targets:
+        raise ValueError("--targets is empty; name words of the prompt, or leave it out for its nouns")
     config = regulation_config(args)
     prepare_run(args)
     out = writable_folder(args.out)
     pipe = load_model(args)
     reg = AttentionRegulator(pipe, config)
-    targets = split_list(args.targets)
-    if args.targets is not None and not targets:
-        raise ValueError("--targets is empty; name words of the prompt, or leave it out for its nouns")
-    info = reg.resolve(args.prompt, targets)
-    if not info["indices"]:
-        # Never write an unregulated image under an attnreg name.
+    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.n)
+    if args.size:
+        call.update(height=args.size, width=args.size)
+    plan = reg.plan(args.prompt, targets, **call)
+    info = reg.last_targets[0]
+    if plan is None:  # never write an unregulated image under an attnreg name
         from ..tokens import format_tokens, token_table
 
         raise ValueError(f"no target found in {args.prompt!r} ({info['source']}); name them with --targets, "
                          f"from its tokens: {format_tokens(token_table(pipe.tokenizer, args.prompt))}")
-    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.n)
-    if args.size:
-        call.update(height=args.size, width=args.size)
     generator = lambda: torch.Generator("cpu").manual_seed(args.seed)  # noqa: E731 - same noise for both runs
-    images = reg(args.prompt, targets=targets, generator=generator(), **call).images
-    info = reg.last_targets[0]
-    stem = f"{prompt_stem(args.prompt)}_seed{args.seed}"
-    written = []
+    images = reg.run(args.prompt, plan, generator=generator(), **call).images
     plain = pipe(args.prompt, generator=generator(), **call).images if args.compare else [None] * len(images)
+    stem = f"{prompt_stem(args.prompt)}_seed{args.seed}"
+    written = write_images(out, stem, images, plain, args.prompt, info)
+    (out / f"{stem}.json").write_text(json.dumps({
+        "prompt": args.prompt, "targets": info, "seed": args.seed, "model": str(args.model or "embedded"),
+        "call": call, "config": config.to_dict(), "edited_layers": sorted(reg.layers),
+    }, indent=2))
+    for path in written + [out / f"{stem}.json"]:
+        print(path)
+    return 0
+
+
+def write_images(out, stem: str, images, plain, prompt: str, info: dict) -> list:
+    """STEM[_i]_attnreg.png, and with the originals STEM[_i]_original.png and a side-by-side _compare.png."""
+    from ..figures import side_by_side
+
+    written = []
     for i, (image, original) in enumerate(zip(images, plain)):
         name = stem if len(images) == 1 else f"{stem}_{i}"
         image.save(out / f"{name}_attnreg.png")
         written.append(out / f"{name}_attnreg.png")
         if original is not None:
             original.save(out / f"{name}_original.png")
-            caption = f"{args.prompt} | targets: " + ", ".join(f"{w} ({i})" for w, i in zip(info["tokens"], info["indices"]))
+            caption = f"{prompt} | targets: " + ", ".join(f"{w} ({i})" for w, i in zip(info["tokens"], info["indices"]))
             side_by_side(original, image, caption).save(out / f"{name}_compare.png")
             written += [out / f"{name}_original.png", out / f"{name}_compare.png"]
-    (out / f"{stem}.json").write_text(json.dumps({
-        "prompt": args.prompt, "targets": info, "seed": args.seed, "model": str(args.model or "embedded"),
-        "call": call, "config": config.to_dict(), "edited_layers": sorted(reg.layers),
-    }, indent=2))
-    written.append(out / f"{stem}.json")
-    for path in written:
-        print(path)
-    return 0
+    return written

@@ -121,27 +121,13 @@ class AttnRegBind(AttnReg):
 
 
 def cross_attention_resolution(unet, height: int, vae_scale_factor: int, layers=None) -> tuple[int, int]:
-    """Side of the cross-attention maps of `layers` (default: attnreg's default layers) at `height`:
-    down_blocks.i runs at latent / 2**(downsamplers before it), up_blocks.j like down_blocks.(n-1-j),
-    the mid block at the deepest resolution. With layers at several resolutions, the lowest is taken."""
+    """Side of the cross-attention maps of `layers` (default: attnreg's default layers) at `height`;
+    with layers at several resolutions, the lowest is taken."""
+    from attnreg.geometry import block_of, map_side
     from attnreg.regulator import select_layers
 
     latent = height // vae_scale_factor
-    n_down = len(unet.down_blocks)
-    scale = []
-    for i in range(n_down):
-        scale.append(sum(1 for k in range(i) if getattr(unet.down_blocks[k], "downsamplers", None)))
-    sides = set()
-    for name in select_layers(unet, tuple(layers) if layers else None):
-        parts = name.split(".")
-        if parts[0] == "down_blocks":
-            level = scale[int(parts[1])]
-        elif parts[0] == "up_blocks":
-            level = scale[n_down - 1 - int(parts[1])]
-        else:
-            level = scale[-1]
-        sides.add(latent // 2**level)
-    side = min(sides)
+    side = min(map_side(unet, block_of(name), latent) for name in select_layers(unet, tuple(layers) if layers else None))
     return (side, side)
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write
+from ..geometry import blocks_by_resolution
 from .world import COLOUR_NAMES, SHAPES, caption, random_scene, render
 
 PHASES = ("vae", "latents", "unet")
@@ -358,6 +359,41 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
         torch._foreach_add_(ema, params, alpha=1 - decay)
 
 
+def resume_unet(path: Path, unet, te, opt, ema: list[torch.Tensor], losses: LossLog) -> int:
+    """Load the UNet checkpoint at `path` into the models, optimiser and EMA; the step to go on from."""
+    if not path.exists():
+        return 0
+    ck = torch.load(path, weights_only=False)
+    unet.load_state_dict(ck["unet"])
+    te.load_state_dict(ck["text_encoder"])
+    opt.load_state_dict(ck["opt"])
+    for e, s in zip(ema, ck["ema"]):
+        e.copy_(s)
+    losses.truncate("unet", ck["step"])
+    log(f"unet: resumed at step {ck['step']}")
+    return ck["step"]
+
+
+def unet_lr(cfg: Config, step: int) -> float:
+    """Linear warm-up, then a cosine down to a fifth of the peak."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    return lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.unet_steps))))
+
+
+def unet_loss(cfg: Config, unet, te, capt, sched, snr, lat, objs, scale: float, step: int) -> torch.Tensor:
+    """The noise-prediction loss of step `step`'s batch (drawn from the step's own generators)."""
+    rng, g = step_rng(cfg, "unet", step)
+    idx = torch.randint(0, len(lat), (cfg.batch,), generator=g)
+    caps = [capt.caption(objs[i], rng) for i in idx.tolist()]
+    caps = ["" if rng.random() < cfg.cond_dropout else c for c in caps]
+    x0 = lat[idx] * scale
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=g)
+    pred = unet(sched.add_noise(x0, noise, t), t, te(capt.ids(caps))[0]).sample
+    w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR weighting for epsilon prediction
+    return (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
 def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None, export: Path | None) -> bool:
     lat, objs, scale = load_pool(cfg, out)
     log(f"unet: pool of {len(lat)} latents, scaling factor {scale:.4f}")
@@ -366,18 +402,8 @@ def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, sto
     log(f"unet params {sum(p.numel() for p in unet.parameters()):,}, text encoder {sum(p.numel() for p in te.parameters()):,}")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = [p.detach().clone() for p in params]
-    step = 0
     path = out / "unet.pt"
-    if path.exists():
-        ck = torch.load(path, weights_only=False)
-        unet.load_state_dict(ck["unet"])
-        te.load_state_dict(ck["text_encoder"])
-        opt.load_state_dict(ck["opt"])
-        for e, s in zip(ema, ck["ema"]):
-            e.copy_(s)
-        step = ck["step"]
-        losses.truncate("unet", step)
-        log(f"unet: resumed at step {step}")
+    step = resume_unet(path, unet, te, opt, ema, losses)
     sched = noise_scheduler()
     acp = sched.alphas_cumprod
     snr = acp / (1 - acp)
@@ -394,23 +420,10 @@ def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, sto
 
     last_ck, t0, run, start = time.time(), time.time(), [], step
     while step < cfg.unet_steps:
-        rng, g = step_rng(cfg, "unet", step)
-        idx = torch.randint(0, len(lat), (cfg.batch,), generator=g)
-        caps = [capt.caption(objs[i], rng) for i in idx.tolist()]
-        caps = ["" if rng.random() < cfg.cond_dropout else c for c in caps]
-        ids = capt.ids(caps)
-        x0 = lat[idx] * scale
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=g)
-        xt = sched.add_noise(x0, noise, t)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        lr *= 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.unet_steps)))
+        lr = unet_lr(cfg, step)
         for pg in opt.param_groups:
             pg["lr"] = lr
-        hid = te(ids)[0]
-        pred = unet(xt, t, hid).sample
-        w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR weighting for epsilon prediction
-        loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = unet_loss(cfg, unet, te, capt, sched, snr, lat, objs, scale, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -437,25 +450,23 @@ def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, sto
 # export
 
 
-def paper_layers_for(cfg: Config) -> dict:
-    """Which blocks work at which cross-attention resolution (latent = image / 4)."""
-    latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
-    n = len(cfg.unet_channels)
-    res = {}
-    for i in range(n):
-        r = latent // 2**i
-        res.setdefault(r, []).append(f"down_blocks.{i}")
-    res.setdefault(latent // 2 ** (n - 1), []).append("mid_block")
-    for i in range(n):
-        r = latent // 2 ** (n - 1 - i)
-        res[r].append(f"up_blocks.{i}")
-    return {str(k): v for k, v in sorted(res.items(), reverse=True)}
+def slim_tokenizer(tokdir: Path, cfg: Config) -> None:
+    """The slow tokenizer's two files (1.4 MB) instead of the 3.5 MB tokenizer.json."""
+    from attnreg.tokenizer import save_clip_tokenizer_files
+
+    for f in tokdir.iterdir():
+        if f.name not in ("tokenizer_config.json", "special_tokens_map.json"):
+            f.unlink()
+    save_clip_tokenizer_files(tokdir)
+    tc = json.loads((tokdir / "tokenizer_config.json").read_text())
+    tc.update({"model_max_length": cfg.max_length, "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"})
+    (tokdir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
 
 
 def export_pipeline(cfg: Config, out: Path, dest: Path, ema_weights=None, losses: LossLog | None = None, step: int = 0) -> Path:
     """Write a StableDiffusionPipeline (EMA weights) to `dest` with save_pretrained."""
     from diffusers import StableDiffusionPipeline
-    from attnreg.tokenizer import load_clip_tokenizer, save_clip_tokenizer_files
+    from attnreg.tokenizer import load_clip_tokenizer
 
     vae = load_vae(cfg, out)
     _, _, scale = load_pool_stats(out)
@@ -472,17 +483,9 @@ def export_pipeline(cfg: Config, out: Path, dest: Path, ema_weights=None, losses
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    # The slow tokenizer's two files (1.4 MB) instead of the 3.5 MB tokenizer.json.
-    tokdir = tmp / "tokenizer"
-    for f in tokdir.iterdir():
-        if f.name not in ("tokenizer_config.json", "special_tokens_map.json"):
-            f.unlink()
-    save_clip_tokenizer_files(tokdir)
-    tc = json.loads((tokdir / "tokenizer_config.json").read_text())
-    tc.update({"model_max_length": cfg.max_length, "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"})
-    (tokdir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
-    layers = paper_layers_for(cfg)
+    slim_tokenizer(tmp / "tokenizer", cfg)
     latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+    layers = blocks_by_resolution(unet, latent)
     meta = {
         "paper_layers": [b for b in layers[str(latent)] if b != "mid_block"],
         "image_size": cfg.image_size,
