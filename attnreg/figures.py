@@ -182,3 +182,70 @@ def ablation_figure(result):
     fig.suptitle(f"Ablation of {result.param}", fontsize=11)
     return fig
 
+
+# -- the benchmark report -----------------------------------------------------------------------
+def bar_chart(table: dict, columns: list[str], methods: list[str], path) -> None:
+    """Write a PNG to `path`: per column a bar per (subset, method) with its 95 % interval.
+
+    table: {(dataset, subset, method): {column: summary}} (`attnreg.eval.stats.summarise`); methods in
+    the order of the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_write
+
+    subsets = sorted({(d, s) for d, s, _ in table})
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.6), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for ax, col in zip(axes[0], columns):
+        for j, m in enumerate(methods):
+            xs, ys, err = [], [], [[], []]
+            for i, (d, s) in enumerate(subsets):
+                cell = table.get((d, s, m), {}).get(col)
+                if not cell or math.isnan(cell["value"]):
+                    continue
+                xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                ys.append(cell["value"])
+                lo = cell["low"] if not math.isnan(cell["low"]) else cell["value"]
+                hi = cell["high"] if not math.isnan(cell["high"]) else cell["value"]
+                # max(0, .): at a rate of 0 or 1 the Wilson bound equals the rate up to rounding
+                err[0].append(max(0.0, cell["value"] - lo))
+                err[1].append(max(0.0, hi - cell["value"]))
+            ax.bar(xs, ys, width, yerr=err, capsize=3, label=m)
+        ax.set_xticks(range(len(subsets)), [s for _, s in subsets], rotation=20, fontsize=8)
+        ax.set_title(col, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def image_grid(out, rows: list[tuple[str, int]], methods: list[str], cells: dict):
+    """A PIL grid of benchmark images: a row per (prompt, seed) labelled on the left, a column per method.
+
+    cells: {(prompt, seed, method): record}; a record's "image" is relative to `out`; a missing cell
+    stays white."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    side, label_w, head_h = 128, 220, 16
+    grid = Image.new("RGB", (label_w + side * len(methods), head_h + side * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, m in enumerate(methods):
+        draw.text((label_w + j * side + 2, 2), m, fill="black", font=font)
+    for i, (prompt, seed) in enumerate(rows):
+        label = "\n".join(textwrap.wrap(prompt, 34)[:6] + [f"seed {seed}"])
+        draw.text((2, head_h + i * side + 2), label, fill="black", font=font)
+        for j, m in enumerate(methods):
+            r = cells.get((prompt, seed, m))
+            if r is None:
+                continue
+            with Image.open(Path(out) / r["image"]) as im:
+                grid.paste(im.convert("RGB").resize((side, side), Image.NEAREST), (label_w + j * side, head_h + i * side))
+    return grid
