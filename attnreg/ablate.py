@@ -166,30 +166,6 @@ def collect(out: Path, param: str, values: list, fidelity: str, dataset: str, se
 
 def figure(result: Ablation):
     """Fidelity and seconds per image against the parameter, with 95 % intervals; `sd` dashed."""
-    from matplotlib.figure import Figure
+    from .figures import ablation_figure
 
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
-    axes = fig.subplots(1, 2)
-    rows = [r for r in result.rows if r["value"] != "sd"]
-    sd = next((r for r in result.rows if r["value"] == "sd"), None)
-    numeric = result.param != "layers"
-    xs = [float(r["value"]) for r in rows] if numeric else list(range(len(rows)))
-    for ax, key, title in ((axes[0], "fidelity", result.fidelity), (axes[1], "seconds", "seconds per image")):
-        ys = [r[key]["value"] for r in rows]
-        # max(0, ...): a Wilson bound can sit a rounding error on the wrong side of a rate of 0 or 1
-        lo = [max(0.0, r[key]["value"] - r[key]["low"]) if not math.isnan(r[key]["low"]) else 0 for r in rows]
-        hi = [max(0.0, r[key]["high"] - r[key]["value"]) if not math.isnan(r[key]["high"]) else 0 for r in rows]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label="attnreg")
-        if sd is not None and sd[key]["n"]:
-            ax.axhline(sd[key]["value"], color="gray", linestyle="--", label="sd")
-            if not math.isnan(sd[key]["low"]):
-                ax.axhspan(sd[key]["low"], sd[key]["high"], color="gray", alpha=0.15)
-        if all(y >= 0 for y in ys if not math.isnan(y)):
-            ax.set_ylim(bottom=0)  # rates, similarities of this kind and seconds: intervals below 0 mean nothing
-        ax.set_xlabel(result.param)
-        ax.set_title(title + " (95 % intervals)", fontsize=10)
-        if not numeric:
-            ax.set_xticks(xs, [r["value"] for r in rows], rotation=20, ha="right", fontsize=8)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Ablation of {result.param}", fontsize=11)
-    return fig
+    return ablation_figure(result)

@@ -3,7 +3,7 @@ per image; no images), small enough to keep in git as the raw data behind a tabl
 
     python benchmarks/export_bench.py runs/shapes-final benchmarks/data/shapes-final.jsonl.gz
 
-Read it back with `pandas.read_json(path, lines=True)` or `attnreg.eval.report.paired_comparison`.
+Read it back with `pandas.read_json(path, lines=True)` or `attnreg.eval.stats.paired_comparison`.
 """
 
 import argparse

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from attnreg.eval.io import iter_records
 from attnreg.eval.metrics import load_scores
-from attnreg.eval.report import paired_comparison
+from attnreg.eval.stats import paired_comparison
 
 # an earlier run's (method, config hash) -> the row's name here
 EARLIER = {

@@ -106,15 +106,16 @@ def test_shapes_set():
 
 def test_bar_chart_accepts_rates_of_zero(tmp_path):
     # at a rate of 0 the Wilson lower bound can exceed the rate by rounding; the chart must not fail
-    from attnreg.eval.report import _bar_chart
+    from attnreg.figures import bar_chart
 
     cell = {"value": 0.0, "low": 1e-17, "high": 0.138}
     table = {("shapes", "2obj", "sd"): {"detect.success": cell}, ("shapes", "2obj", "attnreg"): {"detect.success": cell}}
-    assert _bar_chart(tmp_path, table, ["detect.success"]).is_file()
+    bar_chart(table, ["detect.success"], ["sd", "attnreg"], tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").is_file()
 
 
 def test_paired_comparison_uses_common_pairs_only():
-    from attnreg.eval.report import paired_comparison
+    from attnreg.eval.stats import paired_comparison
 
     def rec(method, prompt, seed, seconds):
         return {"key": f"{method}-{prompt}-{seed}", "dataset": "shapes", "subset": "2obj", "method": method,
@@ -144,7 +145,7 @@ def test_image_change_and_extra_object_rates(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from attnreg.eval.report import image_change, paired_comparison
+    from attnreg.eval.stats import image_change, paired_comparison
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
