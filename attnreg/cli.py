@@ -12,7 +12,7 @@ import unicodedata
 from pathlib import Path
 
 # Modules that add their own sub-commands with `register(subparsers)`; optional parts may be absent.
-SUBCOMMAND_MODULES = ("attnreg.toy.cli", "attnreg.eval.cli", "attnreg.explain", "attnreg.ablate")
+SUBCOMMAND_MODULES = ("attnreg.toy.cli", "attnreg.eval.cli", "attnreg.explain", "attnreg.ablate", "attnreg.app.command")
 
 
 def slug(text: str, limit: int = 60) -> str:
