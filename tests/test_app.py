@@ -162,6 +162,15 @@ def test_the_first_example_fixes_the_missing_circle(engine):
     assert regulated.markdown.startswith("**RIGHT**") and original.markdown.startswith("**WRONG**")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("example, outcome", zip(EMBEDDED_EXAMPLES, [(False, True), (False, True), (True, True), (False, False)]))
+def test_every_example_is_as_its_comment_says(engine, example, outcome):
+    """(original right, regulated right) for each of the page's examples, as run there (50 steps)."""
+    prompt, targets, seed = example
+    pair = engine.generate(prompt, targets, seed, engine.default_steps, 7.5, "auto", 1).pairs[0]
+    assert (pair.verdicts["original"].success, pair.verdicts["regulated"].success) == outcome
+
+
 # -- the detector's verdict ------------------------------------------------------------------------
 def test_verdict_on_rendered_scenes():
     from attnreg.toy.world import Obj, render

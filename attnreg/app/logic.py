@@ -29,8 +29,9 @@ MAX_SEED = 2**32 - 1
 # the auto preset by default). On the embedded model (checked with the detector, tests/test_app.py):
 EMBEDDED_EXAMPLES = [
     ["a red circle and a blue square", "circle, square", 42],  # plain: a red square; regulated: the circle
+    ["a blue triangle and a red circle", "triangle, circle", 1],  # plain: an extra red triangle, no circle; regulated: right
     ["a purple circle and a green square", "circle, square", 3],  # both right: regulation keeps a good image
-    ["a green triangle and a yellow circle", "triangle, circle", 2],  # both miss the green triangle
+    ["a green triangle and a yellow circle", "triangle, circle", 2],  # both wrong: regulation does not always help
 ]
 GENERIC_EXAMPLES = [
     ["a cat and a dog", "cat, dog", 42],

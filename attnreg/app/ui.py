@@ -76,7 +76,8 @@ def build(engine: Engine, title: str = "attnreg: Attention Regulation") -> gr.Bl
                                     max_lines=3, elem_id="prompt")
                 targets = gr.Textbox(label="Targets", info="comma-separated words of the prompt, suggested as you "
                                      "type (edit freely); empty: the prompt's nouns", elem_id="targets")
-                note = gr.Markdown(elem_id="targets-note")
+                note = gr.Markdown("Type a prompt: its tokens and the suggested targets appear here.",
+                                   elem_id="targets-note")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=42, precision=0, minimum=0, elem_id="seed")
                     steps = gr.Number(label="Steps", value=engine.default_steps, precision=0, minimum=1, elem_id="steps")
@@ -192,8 +193,8 @@ def build(engine: Engine, title: str = "attnreg: Attention Regulation") -> gr.Bl
         run_event = run_btn.click(run, inputs, outputs, **gen)
         submit_event = prompt.submit(run, inputs, outputs, **gen)
 
-        gr.Markdown("### Examples (one click runs them)")
-        ex = gr.Examples(examples, [prompt, targets, seed], label=None, elem_id="examples")
+        ex = gr.Examples(examples, [prompt, targets, seed], label="Examples (one click runs them with the settings "
+                         "above)", elem_id="examples")
         example_event = ex.load_input_event.then(run, inputs, outputs, **gen)
 
         def on_stop(request: gr.Request):
@@ -204,8 +205,6 @@ def build(engine: Engine, title: str = "attnreg: Attention Regulation") -> gr.Bl
 
         stop_btn.click(on_stop, None, [status], queue=False, show_progress="hidden",
                        cancels=[run_event, submit_event, example_event])
-        demo.load(on_prompt, [prompt, targets, touched], [targets, tokens, note], show_progress="hidden",
-                  concurrency_limit=None)
     return demo
 
 
