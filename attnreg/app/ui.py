@@ -201,7 +201,7 @@ def build(engine: Engine, title: str = "attnreg: Attention Regulation") -> gr.Bl
             session = getattr(request, "session_hash", None) or "anonymous"
             stopped = jobs.stop(session)
             return message_box("stopped", "the run ends at its next step; the page is ready for the next one."
-                               if stopped else "nothing was running in this tab.")
+                               if stopped else "no run was in progress in this tab (one waiting in the queue is taken off it).")
 
         stop_btn.click(on_stop, None, [status], queue=False, show_progress="hidden",
                        cancels=[run_event, submit_event, example_event])
