@@ -163,7 +163,7 @@ def test_the_first_example_fixes_the_missing_circle(engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example, outcome", zip(EMBEDDED_EXAMPLES, [(False, True), (False, True), (True, True), (False, False)]))
+@pytest.mark.parametrize("example, outcome", list(zip(EMBEDDED_EXAMPLES, [(False, True), (False, True), (True, True), (False, False)])))
 def test_every_example_is_as_its_comment_says(engine, example, outcome):
     """(original right, regulated right) for each of the page's examples, as run there (50 steps)."""
     prompt, targets, seed = example

@@ -238,3 +238,28 @@ def test_stop_leaves_the_app_usable(server, browser):
     wait_done(page, "a red circle and a blue square")
     assert time.time() - start < remaining / 2, (time.time() - start, remaining)
     assert page.locator("#regulated-0 img").is_visible()
+
+
+def test_stop_in_a_waiting_tab_takes_its_job_off_the_queue(server, browser):
+    url, _ = server
+    busy, waiting = open_page(browser, url), open_page(browser, url)
+    type_prompt(busy, "a red circle and a blue square")
+    type_prompt(waiting, "a green triangle")
+    set_number(busy, "steps", 200)
+    set_number(busy, "n-images", 4)
+    busy.locator("#run").click()
+    busy.wait_for_function("() => /step \\d+ of 1600/.test(document.body.innerText)", timeout=WAIT_MS)
+    waiting.locator("#run").click()
+    waiting.wait_for_function("() => /queue/i.test(document.querySelector('#status').innerText)", timeout=WAIT_MS)
+    waiting.locator("#stop").click()
+    waiting.wait_for_function("() => document.querySelector('#status').innerText.includes('taken off')",
+                              timeout=WAIT_MS)
+    busy.locator("#stop").click()
+    busy.wait_for_function("() => document.querySelector('#status').innerText.includes('Stopped')", timeout=WAIT_MS)
+    # the busy tab runs again at once; the waiting tab's job never ran
+    set_number(busy, "steps", STEPS)
+    set_number(busy, "n-images", 1)
+    busy.locator("#run").click()
+    wait_done(busy, "a red circle and a blue square")
+    assert "Done:" not in waiting.locator("#status").inner_text()
+    assert not waiting.locator("#results").is_visible()
