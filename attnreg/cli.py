@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import ablate, bench, calibrate, explain, generate, tokens, toy
+from .commands import ablate, app, bench, calibrate, explain, generate, tokens, toy
 from .commands.common import Parser
 
-COMMANDS = (generate, tokens, calibrate, toy, bench, explain, ablate)  # in the order of --help
+COMMANDS = (generate, tokens, calibrate, toy, bench, explain, ablate, app)  # in the order of --help
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""attnreg app: a local Gradio web page for Attention Regulation (`attnreg app`)."""
