@@ -30,6 +30,7 @@ class CallPlan:
     # With attribute binding, image_targets holds the nouns' tokens then their modifiers' tokens:
     image_nouns: list[int] | None = None  # how many of image_targets are nouns, per image (None: all)
     image_pairs: list[tuple[tuple[int, int], ...]] | None = None  # (modifier column, noun column), per image
+    image_seeds: list[int] | None = None  # the stream of each image's initial weights (None: config.seed + i)
 
     def groups(self) -> dict[tuple, list[int]]:
         """{(targets, number of nouns, pairs): images}: images sharing their targets are solved together."""
@@ -59,10 +60,9 @@ class RegulationState:
 
     def start(self, plan: CallPlan | None) -> None:
         self.plan, self.step, self.latent_hw = plan, 0, None
-        # Image i draws its initial weights from its own stream (seed + i): an image does not depend on
-        # the images after it in its batch, and a single image gets the stream of one generator at `seed`.
-        n_images = plan.n_images if plan is not None else 0
-        self.generators = [torch.Generator("cpu").manual_seed(self.config.seed + i) for i in range(n_images)]
+        # Each image draws its initial weights from its own stream, so it does not depend on its batch.
+        seeds = [] if plan is None else plan.image_seeds or [self.config.seed + i for i in range(plan.n_images)]
+        self.generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         self.previous_best.clear()
         self.stats.clear()
 

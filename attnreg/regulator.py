@@ -187,7 +187,23 @@ class AttentionRegulator:
             edit_steps=edit_steps,
             image_nouns=nouns,
             image_pairs=pairs,
+            image_seeds=self._image_seeds(kwargs.get("generator"), len(prompts) * per_image),
         )
+
+    def _image_seeds(self, generator, n_images: int) -> list[int]:
+        """The stream of each image's initial weights, keyed by its generator's seed and its place among
+        the images that generator makes (by position when no generator is given): image i of a batch
+        starts as the single-image call with the same generator does."""
+        if generator is None:
+            return [self.config.seed + i for i in range(n_images)]
+        per_generator = [generator] * n_images if not isinstance(generator, list) else list(generator)
+        count: dict[int, int] = {}
+        seeds = []
+        for g in per_generator[:n_images]:
+            place = count.get(id(g), 0)
+            count[id(g)] = place + 1
+            seeds.append((g.initial_seed() * 6364136223846793005 + place * 1442695040888963407 + self.config.seed) % 2**63)
+        return seeds
 
     def call_steps(self, kwargs: dict) -> tuple[int, int]:
         """(denoising steps, edited steps) of a call with these pipeline keywords, or a GuidanceError when

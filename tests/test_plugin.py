@@ -115,14 +115,19 @@ def test_batches_with_per_prompt_targets(sd):
 
 
 def test_an_image_does_not_depend_on_the_images_after_it_in_its_batch(sd):
-    # The paper preset starts from random weights: image i draws them from its own stream (seed + i), so
-    # image 0 of a batch of 2 is the single image (up to the pipeline's own batch numerics, ~1e-6).
+    # The paper preset starts from random weights: each image draws them from its own stream, keyed by
+    # its generator, so image i of a batch is the single image of its generator (up to the pipeline's own
+    # batch numerics, ~1e-6), with one generator for the batch or one per image.
     reg = AttentionRegulator(sd, RegulationConfig.from_preset("paper"))
-    single = images(reg, targets=["cat", "dog"])
-    pair = images(reg, targets=["cat", "dog"], num_images_per_prompt=2)
+    call = dict(targets=["cat", "dog"], num_inference_steps=STEPS, output_type="np")
+    single = reg(PROMPT, generator=gen(), **call).images
+    pair = reg(PROMPT, generator=gen(), num_images_per_prompt=2, **call).images
     plain = np.abs(images(sd, num_images_per_prompt=2)[0] - images(sd)[0]).max()
     assert np.abs(pair[0] - single[0]).max() <= max(1e-4, 10 * plain)
     assert np.abs(pair[1] - pair[0]).max() > 1e-2  # the second image is another one
+    listed = reg(PROMPT, generator=[gen(5), gen(7)], num_images_per_prompt=2, **call).images
+    alone = reg(PROMPT, generator=[gen(7)], **call).images
+    assert np.abs(listed[1] - alone[0]).max() <= max(1e-4, 10 * plain)
 
 
 def test_auto_targets_reported(sd, capsys):
