@@ -221,6 +221,7 @@ def test_attnreg_methods_name_their_presets_and_edited_layers(model):
     pipe = load_pipeline(model)
     default, paper, bind = (make_method(m, pipe) for m in ("attnreg", "attnreg-paper", "attnreg-bind"))
     assert default.config()["preset"] == "auto" and paper.config()["preset"] == "paper"
+    assert paper.config() == make_method("attnreg", pipe, preset="paper").config()  # a name for options
     assert bind.config()["binding"] == 1.0 and bind.config()["preset"] == "auto"
     assert default.config()["edited_layers"] and paper.config()["edited_layers"]
     with pytest.raises(MethodError, match="unknown option"):
