@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # --param name -> RegulationConfig field. beta is the paper's name for the regulariser's weight (Fig. 5),
-# epsilon in the config (see method.md).
+# epsilon in the config.
 PARAMS = {"layers": "layers", "edit_steps": "edit_steps", "beta": "epsilon", "iterations": "iterations"}
 
 
@@ -78,49 +78,47 @@ def ablate(
     values,
     dataset: str = "shapes",
     seeds="0-7",
-    model: str | None = None,
     out: str | Path = "ablate",
-    steps: int = 50,
-    guidance: float = 7.5,
-    size: int | None = None,
     limit: int | None = 10,
-    subsets: list[str] | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
     metrics: str = "auto",
     fidelity: str | None = None,
     metric_options: dict | None = None,
-    progress: bool = True,
+    **bench_options,
 ) -> Ablation:
-    """Run the benchmark for every value of `param` (and `sd` once), score, and plot."""
-    from .eval import run_benchmark, score_dir
-    from .eval.runner import parse_seeds
+    """Run the benchmark for every value of `param` (and `sd` once), score, and plot.
 
+    `bench_options` go to the runner as they are (`attnreg.eval.runner.BenchmarkOptions`: model, steps,
+    device, progress, ...); the methods, their options, the metrics and the report are ablate's own."""
+    from dataclasses import replace
+
+    from .eval.metrics import score_dir
+    from .eval.runner import BenchmarkOptions, run
+
+    own = {"methods", "method_options", "report"} & set(bench_options)
+    if own:
+        raise TypeError(f"ablate sets {', '.join(sorted(own))} itself")
     values = parse_values(param, values)
     config_field = PARAMS[param]
-    seeds = parse_seeds(seeds)
     fidelity = fidelity or default_fidelity(dataset)
     if "." not in fidelity:
         raise ValueError(f"--fidelity must be METRIC.FIELD such as detect.success or clip.full, got {fidelity!r}")
-    out = Path(out)
-    common = dict(dataset=dataset, seeds=seeds, model=model, out=out, steps=steps, guidance=guidance, size=size,
-                  limit=limit, subsets=subsets, device=device, dtype=dtype, progress=progress, metrics=None,
-                  report=False)
+    base = BenchmarkOptions(dataset, ["sd", "attnreg"], seeds=seeds, out=out, limit=limit, metrics=None,
+                            report=False, **bench_options)
     for i, value in enumerate(values):
-        methods = ["sd", "attnreg"] if i == 0 else ["attnreg"]
-        run_benchmark(methods=methods, method_options={"attnreg": {config_field: value}}, **common)
+        run(replace(base, methods=["sd", "attnreg"] if i == 0 else ["attnreg"],
+                    method_options={"attnreg": {config_field: value}}))
     if metrics == "auto":
         metrics = fidelity.split(".")[0]
-    score_dir(out, metrics, device=device, progress=progress, **(metric_options or {}))
+    score_dir(base.out, metrics, device=base.device, progress=base.progress, **(metric_options or {}))
 
-    rows = collect(out, param, values, fidelity, dataset, seeds)
+    rows = collect(base.out, param, values, fidelity, dataset, base.seeds)
     result = Ablation(param, values, fidelity, rows)
     result.figure = figure(result)
-    out.mkdir(parents=True, exist_ok=True)
-    png, js = out / f"ablate_{param}.png", out / f"ablate_{param}.json"
+    base.out.mkdir(parents=True, exist_ok=True)
+    png, js = base.out / f"ablate_{param}.png", base.out / f"ablate_{param}.json"
     result.figure.savefig(png, dpi=110)
     js.write_text(json.dumps({"param": param, "config_field": config_field, "values": [label(v) for v in values],
-                              "fidelity": fidelity, "dataset": dataset, "seeds": seeds, "rows": rows}, indent=1))
+                              "fidelity": fidelity, "dataset": dataset, "seeds": base.seeds, "rows": rows}, indent=1))
     result.files = [png, js]
     return result
 

@@ -17,7 +17,7 @@ class RegulationConfig:
     """What Attention Regulation does, and where. The dataclass defaults are the `paper` preset; the
     default preset of `AttentionRegulator(pipe)`, the command line and the benchmark is `auto` (below).
 
-    The `paper` preset follows the authors' released code (see `method.md`), with three fixes:
+    The `paper` preset follows the authors' released code, with three fixes:
     8 x 8 maps work (bump sigma is at least 1 and the bump grid spans any map size), the initial
     weights come from a generator seeded with `seed` so a run is reproducible, and each edited
     attention is computed once (the release ran the layer's own forward, then recomputed it).

@@ -1,17 +1,16 @@
-"""Does Attention Regulation help two-object fidelity on the embedded toy model? A small sweep.
+"""Attention analysis of the embedded toy model that `attnreg bench` lacks (findings in
+toy_regulation_findings.md). Detector rates, resuming and paired comparisons are bench's job.
 
-Two sub-commands, both on a frozen copy of the toy pipeline (cp -r attnreg/toy/model /tmp/toy_snapshot):
+  # where the cross-attention mass goes (SOS / targets / other words / first EOS / padding)
+  OMP_NUM_THREADS=1 python benchmarks/toy_sweep.py mass --prompts 3 --seeds 4 --out runs/toy_sweep/mass.json
+  # the norm of each token's value vector in every cross-attention layer
+  OMP_NUM_THREADS=1 python benchmarks/toy_sweep.py values --prompts 2
+  # partial credit per named object (colour and shape / shape / colour) of a bench folder's images
+  python benchmarks/toy_sweep.py rescore runs/shapes
 
-  # 1. where the cross-attention mass goes (SOS / targets / other words / first EOS / padding)
-  OMP_NUM_THREADS=1 python benchmarks/toy_sweep.py mass --model /tmp/toy_snapshot --out runs/toy_sweep/mass.json
-
-  # 2. detector success on 2-object prompts, many seeds batched in ONE pipeline call per prompt
-  OMP_NUM_THREADS=1 python benchmarks/toy_sweep.py bench --model /tmp/toy_snapshot --prompts 12 --seeds 16 \
-      --steps 50 --configs vanilla,paper,edit5 --out runs/toy_sweep/bench.jsonl
-
-Every config sees the same prompts (attnreg.toy.shapes_prompts(2, n, seed=0)) and the same initial
-noise (one torch.Generator("cpu").manual_seed(seed) per image, seeds 0..S-1). Results are appended to
-a jsonl file, one line per (config, prompt); a rerun skips the (config, prompt) pairs already there.
+--model defaults to the shipped model (attnreg/toy/model). The configs of `mass` are overrides of
+RegulationConfig.from_preset("paper") (CONFIGS below); bench runs the same ones as
+`--methods attnreg-paper --set attnreg-paper.OPTION=VALUE`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -134,74 +132,6 @@ def cmd_mass(args):
         print(f"| {c} | {layer} | {s} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
 
 
-def cmd_bench(args):
-    pipe = load_pipeline(path=args.model)
-    prompts = shapes_prompts(2, args.prompts, seed=0)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.exists():
-        for line in out.read_text().splitlines():
-            r = json.loads(line)
-            if r["steps"] == args.steps and r["seeds"] == args.seeds and r.get("seed_start", 0) == args.seed_start:
-                done.add((r["config"], r["prompt"]))
-    img_dir = Path(args.images) if args.images else None
-    for cfg_name in args.configs.split(","):
-        overrides = CONFIGS[cfg_name]
-        reg = None if overrides is None else make_regulator(pipe, overrides)
-        for prompt in prompts:
-            if (cfg_name, prompt) in done:
-                continue
-            targets = prompt_targets(prompt)
-            gens = [torch.Generator("cpu").manual_seed(s) for s in range(args.seed_start, args.seed_start + args.seeds)]
-            kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=64, width=64,
-                      num_images_per_prompt=args.seeds, generator=gens)
-            t0 = time.perf_counter()
-            images = (pipe(prompt, **kw) if reg is None else reg(prompt, targets=targets, **kw)).images
-            secs = time.perf_counter() - t0
-            scores = [score(prompt, im) for im in images]
-            if img_dir is not None:
-                d = img_dir / cfg_name
-                d.mkdir(parents=True, exist_ok=True)
-                for s, im in enumerate(images):
-                    im.save(d / f"{prompt.replace(' ', '_')}_s{args.seed_start + s}.png")
-            rec = {
-                "config": cfg_name, "overrides": overrides, "prompt": prompt, "targets": targets,
-                "steps": args.steps, "seeds": args.seeds, "seed_start": args.seed_start, "seconds": secs,
-                "success": [bool(x["success"]) for x in scores],
-                "shapes_present": [bool(x["shapes_present"]) for x in scores],
-                "extra_objects": [int(x["extra_objects"]) for x in scores],
-                "n_detected": [int(x["n_detected"]) for x in scores],
-            }
-            with out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"{cfg_name:14s} {sum(rec['success']):2d}/{args.seeds} {secs:6.1f}s  {prompt}", flush=True)
-    summarise(out, args.steps, args.seeds)
-
-
-def summarise(path, steps, seeds):
-    import collections
-
-    by = collections.defaultdict(list)
-    for line in Path(path).read_text().splitlines():
-        r = json.loads(line)
-        if r["steps"] == steps and r["seeds"] == seeds:
-            by[r["config"]].append(r)
-    print(f"\n| config | prompts | success | shapes present | mean detected | s / image | paired vs vanilla: only config / only vanilla |")
-    print("|---|---|---|---|---|---|---|")
-    van = {r["prompt"]: r["success"] for r in by.get("vanilla", [])}
-    for c, rs in by.items():
-        n = sum(len(r["success"]) for r in rs)
-        ok = sum(sum(r["success"]) for r in rs)
-        sp = sum(sum(r["shapes_present"]) for r in rs)
-        det = sum(sum(r["n_detected"]) for r in rs) / n
-        sec = sum(r["seconds"] for r in rs) / n
-        # paired with vanilla on the same (prompt, seed): (config wins, vanilla wins) on success
-        win = sum(a and not b for r in rs if r["prompt"] in van for a, b in zip(r["success"], van[r["prompt"]]))
-        loss = sum(b and not a for r in rs if r["prompt"] in van for a, b in zip(r["success"], van[r["prompt"]]))
-        print(f"| {c} | {len(rs)} | {ok}/{n} ({100 * ok / n:.1f} %) | {sp}/{n} ({100 * sp / n:.1f} %) | {det:.2f} | {sec:.2f} | {win} / {loss} |")
-
-
 @torch.no_grad()
 def cmd_values(args):
     """Norm of each token's value vector (to_v of the text encoding) in every cross-attention layer."""
@@ -225,76 +155,58 @@ def cmd_values(args):
 
 
 def cmd_rescore(args):
-    """Partial credit from the saved images: per named object, is an object of that (colour, shape) /
-    that shape / that colour detected (each detection used once)?"""
-    from attnreg.toy import detect
-    from attnreg.toy.detect import parse_prompt
+    """Partial credit from a bench folder's images: per named object, is an object of that (colour, shape) /
+    that shape / that colour detected (each detection used once)? One row per method and configuration."""
     from PIL import Image
 
-    print("| config | images | success | objects matched (colour+shape) | shapes matched | colours matched | mean detected |")
+    from attnreg.eval.io import iter_records
+    from attnreg.toy import detect
+    from attnreg.toy.detect import parse_prompt
+
+    groups: dict[str, list[dict]] = {}
+    for r in iter_records(Path(args.dir)):
+        if r.get("dataset") == "shapes":
+            groups.setdefault(f"{r['method']} {r['config_hash']}", []).append(r)
+    print("| method config | images | success | objects matched (colour+shape) | shapes matched | colours matched | mean detected |")
     print("|---|---|---|---|---|---|---|")
-    for cfg_dir in sorted(Path(args.images).iterdir()):
-        n_img = ok = both = shp = col = named = det = 0
-        for f in sorted(cfg_dir.glob("*.png")):
-            prompt = f.name.rsplit("_s", 1)[0].replace("_", " ")
-            want = parse_prompt(prompt)
-            found = detect(Image.open(f).convert("RGB"))
-            det += len(found)
-            n_img += 1
-            named += len(want)
-            r = score(prompt, Image.open(f).convert("RGB"))
-            ok += bool(r["success"])
-            for key, slot in ((lambda c, s: (c, s), "both"), (lambda c, s: s, "shape"), (lambda c, s: c, "colour")):
+    for name, records in sorted(groups.items()):
+        ok = named = det = 0
+        matched = {"both": 0, "shape": 0, "colour": 0}
+        for r in records:
+            with Image.open(Path(args.dir) / r["image"]) as im:
+                image = im.convert("RGB")
+            want, found = parse_prompt(r["prompt"]), detect(image)
+            det, named, ok = det + len(found), named + len(want), ok + bool(score(r["prompt"], image)["success"])
+            for slot, key in (("both", lambda c, s: (c, s)), ("shape", lambda c, s: s), ("colour", lambda c, s: c)):
                 pool = [key(c, s) for s, c, _ in found]
-                m = 0
                 for c, s in want:
-                    k = key(c, s)
-                    if k in pool:
-                        pool.remove(k)
-                        m += 1
-                if slot == "both":
-                    both += m
-                elif slot == "shape":
-                    shp += m
-                else:
-                    col += m
-        if n_img:
-            print(f"| {cfg_dir.name} | {n_img} | {ok} ({100 * ok / n_img:.1f} %) | {both}/{named} ({100 * both / named:.1f} %) | "
-                  f"{shp}/{named} ({100 * shp / named:.1f} %) | {col}/{named} ({100 * col / named:.1f} %) | {det / n_img:.2f} |")
+                    if key(c, s) in pool:
+                        pool.remove(key(c, s))
+                        matched[slot] += 1
+        n = len(records)
+        cells = " | ".join(f"{matched[k]}/{named} ({100 * matched[k] / named:.1f} %)" for k in ("both", "shape", "colour"))
+        print(f"| {name} | {n} | {ok} ({100 * ok / n:.1f} %) | {cells} | {det / n:.2f} |")
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("mass")
-    m.add_argument("--model", default="/tmp/toy_snapshot")
+    m.add_argument("--model", default=None, help="pipeline folder (default: the shipped toy model)")
     m.add_argument("--prompts", type=int, default=3)
     m.add_argument("--seeds", type=int, default=4)
     m.add_argument("--steps", type=int, default=50)
     m.add_argument("--obs-steps", type=lambda s: [int(x) for x in s.split(",")], default=[0, 5, 10, 24, 40])
     m.add_argument("--configs", default="vanilla,paper")
     m.add_argument("--out", default="runs/toy_sweep/mass.json")
-    b = sub.add_parser("bench")
-    b.add_argument("--model", default="/tmp/toy_snapshot")
-    b.add_argument("--prompts", type=int, default=12)
-    b.add_argument("--seeds", type=int, default=16)
-    b.add_argument("--seed-start", type=int, default=0, help="noise seeds seed_start .. seed_start + seeds - 1")
-    b.add_argument("--steps", type=int, default=50)
-    b.add_argument("--configs", default="vanilla,paper")
-    b.add_argument("--out", default="runs/toy_sweep/bench.jsonl")
-    b.add_argument("--images", default=None, help="folder to save the images in (optional)")
     v = sub.add_parser("values")
-    v.add_argument("--model", default="/tmp/toy_snapshot")
+    v.add_argument("--model", default=None, help="pipeline folder (default: the shipped toy model)")
     v.add_argument("--prompts", type=int, default=2)
     r = sub.add_parser("rescore")
-    r.add_argument("images")
-    s = sub.add_parser("summary")
-    s.add_argument("path")
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--seeds", type=int, default=16)
+    r.add_argument("dir", help="an attnreg bench folder on the shapes data set")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    {"mass": cmd_mass, "values": cmd_values, "rescore": lambda a: cmd_rescore(a), "bench": cmd_bench, "summary": lambda a: summarise(a.path, a.steps, a.seeds)}[args.cmd](args)
+    {"mass": cmd_mass, "values": cmd_values, "rescore": cmd_rescore}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,7 @@ def _cli(*args):
     return [sys.executable, "-m", "attnreg.cli", *args]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path, model):
     out = tmp_path / "out"
     argv = ["bench", *DATA, "--seeds", "0-2", "--steps", "3", "--model", str(model), "--out", str(out),
@@ -183,6 +184,7 @@ def bench_file_mtime(out, record):
     return ((out / "records" / (record["key"] + ".json")).stat().st_mtime_ns, (out / record["image"]).stat().st_mtime_ns)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(bench, model, tmp_path):
     """torchrun --nproc_per_node 2: the same records (minus timing) and the same images as 1 process
     (about 25 s on 2 busy cores)."""
@@ -221,6 +223,7 @@ def test_attnreg_methods_name_their_presets_and_edited_layers(model):
     pipe = load_pipeline(model)
     default, paper, bind = (make_method(m, pipe) for m in ("attnreg", "attnreg-paper", "attnreg-bind"))
     assert default.config()["preset"] == "auto" and paper.config()["preset"] == "paper"
+    assert paper.config() == make_method("attnreg", pipe, preset="paper").config()  # a name for options
     assert bind.config()["binding"] == 1.0 and bind.config()["preset"] == "auto"
     assert default.config()["edited_layers"] and paper.config()["edited_layers"]
     with pytest.raises(MethodError, match="unknown option"):

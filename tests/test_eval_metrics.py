@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from attnreg.eval import MetricError, MetricModelError, score_dir, write_report
-from attnreg.eval.io import atomic_save_image, atomic_write_json, image_path, item_key, record_path
+from attnreg.eval.io import atomic_save_image, atomic_write_json, image_path, item_key, iter_records, record_path
+from attnreg.eval.metrics import Clip
 from attnreg.eval.testing import tiny_blip, tiny_clip, tiny_owl
 
 
@@ -39,14 +40,21 @@ def models(tmp_path_factory):
 
 def test_clip_blip_owl_on_tiny_models(tmp_path, models):
     out = fake_bench(tmp_path / "bench")
-    summary = score_dir(out, "clip,blip,owl,time", clip_model=str(models["clip"]), blip_model=str(models["blip"]),
+    summary = score_dir(out, "clip,blip,owl", clip_model=str(models["clip"]), blip_model=str(models["blip"]),
                         owl_model=str(models["owl"]), owl_threshold=0.5, progress=False)
     assert summary["clip"]["scored"] == 8 and summary["blip"]["scored"] == 8 and summary["owl"]["scored"] == 8
     files = {p.name.split("-")[0]: json.loads(p.read_text()) for p in (out / "scores").glob("*.json")}
     assert set(files) == {"clip", "blip", "owl"}
     assert files["clip"]["settings"]["clip_model"] == str(models["clip"])
-    for values in files["clip"]["items"].values():
-        assert -1 <= values["min_object"] <= values["full"] + 2 and -1 <= values["full"] <= 1
+    # min_object is the lowest of the halves' own full similarity (split on " and ", else " with ")
+    halves = {"a cat and a dog": ["a cat", "a dog"], "a red apple with a crown": ["a red apple", "a crown"]}
+    clip, recs = Clip(clip_model=str(models["clip"])), {r["key"]: r for r in iter_records(out)}
+    for key, values in files["clip"]["items"].items():
+        record = recs[key]
+        with Image.open(out / record["image"]) as im:
+            image = im.convert("RGB")
+        each = [clip.score([{**record, "prompt": half}], [image])[0]["full"] for half in halves[record["prompt"]]]
+        assert values["min_object"] == pytest.approx(min(each), abs=1e-5) and -1 <= values["full"] <= 1
     for values in files["blip"]["items"].values():
         assert -1 <= values["text_text"] <= 1 and isinstance(values["caption"], str)
     for values in files["owl"]["items"].values():
@@ -78,8 +86,8 @@ def test_bad_metric_names(tmp_path):
     out = fake_bench(tmp_path / "bench", methods=("sd",), seeds=(0,))
     with pytest.raises(MetricError, match="valid: detect, clip, blip, owl"):
         score_dir(out, "fid", progress=False)
-    with pytest.raises(MetricError, match="torchvision"):
-        score_dir(out, "lpips", progress=False)
+    with pytest.raises(MetricError, match="unknown metric.*time.*every report has them"):
+        score_dir(out, "clip,time", progress=False)  # a column of the records, not a metric
     with pytest.raises(MetricError, match="applies to none"):
         score_dir(out, "detect", progress=False)  # shapes only
     with pytest.raises(MetricError, match="no finished"):

@@ -103,6 +103,8 @@ def test_solver_stats_and_edit_steps(sd):
         return {}
     images(reg, targets=["dog"], callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
     assert calls == list(range(STEPS))  # the user's callback still runs every step
+    # the solver ran in every regulated layer at steps 0 and 1 only
+    assert sorted({(layer, step) for layer, step, _ in reg.state.stats}) == [(n, s) for n in sorted(reg.layers) for s in (0, 1)]
     assert not any(isinstance(p, RegulatedAttnProcessor) for p in sd.unet.attn_processors.values())
 
 

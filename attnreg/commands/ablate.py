@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..ablate import PARAMS
-from ..names import split_list
+from .bench import add_bench_options, bench_options
 from .common import add_model_args, add_sampling_args, prepare_run
 
 
@@ -13,12 +13,8 @@ def cmd_ablate(args) -> int:
     from ..ablate import ablate
 
     prepare_run(args)  # the device exists; --threads
-    result = ablate(
-        args.param, args.values, dataset=args.dataset, seeds=args.seeds, model=args.model, out=args.out,
-        steps=args.steps, guidance=args.guidance, size=args.size, limit=args.limit, subsets=split_list(args.subsets),
-        device=args.device, dtype=args.dtype, metrics=args.metrics, fidelity=args.fidelity,
-        metric_options={"clip_model": args.clip_model}, progress=not args.no_progress,
-    )
+    result = ablate(args.param, args.values, metrics=args.metrics, fidelity=args.fidelity,
+                    metric_options={"clip_model": args.clip_model}, **bench_options(args))
     print(f"{'value':>24}  {'n':>4}  {result.fidelity:>24}  seconds/image")
     for row in result.rows:
         f, s = row["fidelity"], row["seconds"]
@@ -45,16 +41,15 @@ def register(subparsers) -> None:
     p.add_argument("--param", required=True, choices=list(PARAMS), help="beta is the config's epsilon")
     p.add_argument("--values", required=True,
                    help="comma-separated numbers; for layers, sets separated by ';' (e.g. 'down_blocks.2;down_blocks.2,up_blocks.1')")
-    p.add_argument("--dataset", default="shapes", help="shapes, ae or file:PATH (default: shapes)")
-    p.add_argument("--subsets", default=None)
-    p.add_argument("--seeds", default="0-7")
-    p.add_argument("--limit", type=int, default=10, help="prompts per subset (default 10)")
+    add_bench_options(p, "--dataset", "--subsets", "--seeds", "--limit", changes={
+        "--dataset": dict(required=False, default="shapes", help="shapes, ae or file:PATH (default: shapes)"),
+        "--subsets": dict(help=None), "--seeds": dict(default="0-7", help=None),
+        "--limit": dict(default=10, help="prompts per subset (default 10)")})
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("--metrics", default="auto", help="metrics to score (default: the fidelity's metric)")
+    add_bench_options(p, "--metrics", changes={"--metrics": dict(help="metrics to score (default: the fidelity's metric)")})
     p.add_argument("--fidelity", default=None, help="METRIC.FIELD plotted (default: detect.success on shapes, clip.full otherwise)")
     p.add_argument("--clip-model", default=None, help="CLIP id or folder for the clip metric")
-    p.add_argument("--out", default="ablate")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_bench_options(p, "--out", "--no-progress", "--debug",
+                      changes={"--out": dict(required=False, default="ablate", help=None)})
     p.set_defaults(func=cmd_ablate)

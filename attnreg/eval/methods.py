@@ -15,10 +15,15 @@ class MethodError(ValueError):
 
 
 METHODS: dict[str, type["Method"]] = {}
+NAMED_OPTIONS: dict[str, dict] = {}  # method name -> options it sets before the user's (--set)
 
 
-def register_method(cls):
-    METHODS[cls.name] = cls
+def register_method(cls, name: str | None = None, **options):
+    """Register `cls` under its `name` (as a decorator), or under another name with some options set:
+    `register_method(AttnReg, "attnreg-paper", preset="paper")`."""
+    METHODS[name or cls.name] = cls
+    if options:
+        NAMED_OPTIONS[name] = options
     return cls
 
 
@@ -47,7 +52,7 @@ class Method:
 def make_method(name: str, pipe, **options) -> Method:
     if name not in METHODS:
         raise MethodError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-    return METHODS[name](pipe, **options)
+    return METHODS[name](pipe, **{**NAMED_OPTIONS.get(name, {}), **options})
 
 
 def check_methods(names: list[str]) -> None:
@@ -72,21 +77,22 @@ class PlainSD(Method):
 
 @register_method
 class AttnReg(Method):
+    """Attention Regulation; options are `RegulationConfig` fields, `preset` included (default: auto)."""
+
     name = "attnreg"
-    preset = "auto"
     description = "Attention Regulation, the default preset (auto)"
 
-    def __init__(self, pipe, **options):
+    def __init__(self, pipe, preset: str = "auto", **options):
         from attnreg import AttentionRegulator, RegulationConfig
         from attnreg.config import ConfigError
 
-        super().__init__(pipe, **options)
-        fields = {f.name for f in dataclasses.fields(RegulationConfig)} - {"preset"}
+        super().__init__(pipe, preset=preset, **options)
+        fields = {f.name for f in dataclasses.fields(RegulationConfig)}
         bad = [k for k in options if k not in fields]
         if bad:
             raise MethodError(f"unknown option(s) {', '.join(bad)} for method {self.name}; valid: {', '.join(sorted(fields))}")
         try:
-            self.reg_config = RegulationConfig.from_preset(self.preset, **options)
+            self.reg_config = RegulationConfig.from_preset(preset, **options)
         except ConfigError as err:
             raise MethodError(f"method {self.name}: {err}") from None
         self.regulator = AttentionRegulator(pipe, self.reg_config)
@@ -99,25 +105,9 @@ class AttnReg(Method):
         return self.regulator(prompt, targets=list(targets), generator=generator, **call).images[0]
 
 
-@register_method
-class AttnRegPaper(AttnReg):
-    """The preset faithful to the authors' release (`paper`); `attnreg` is the default (`auto`)."""
-
-    name = "attnreg-paper"
-    preset = "paper"
-    description = "Attention Regulation, the preset faithful to the paper"
-
-
-@register_method
-class AttnRegBind(AttnReg):
-    """The default preset with the attribute-binding option on (each target's modifiers bound to it)."""
-
-    name = "attnreg-bind"
-    preset = "auto"
-    description = "Attention Regulation, the auto preset with attribute binding (binding=1)"
-
-    def __init__(self, pipe, **options):
-        super().__init__(pipe, **{"binding": 1.0, **options})
+# the preset faithful to the authors' release; and the default with attribute binding
+register_method(AttnReg, "attnreg-paper", preset="paper")
+register_method(AttnReg, "attnreg-bind", binding=1.0)
 
 
 def cross_attention_resolution(unet, height: int, vae_scale_factor: int, layers=None) -> tuple[int, int]:

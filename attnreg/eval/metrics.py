@@ -72,7 +72,8 @@ def parse_metrics(metrics) -> list[str]:
 def check_metrics(names: list[str]) -> None:
     bad = [n for n in names if n not in METRICS]
     if bad:
-        raise MetricError(f"unknown metric(s) {', '.join(bad)}; valid: {', '.join(METRICS)}, or none")
+        columns = " (seconds and peak memory are not metrics: every report has them)" if {"time", "memory"} & set(bad) else ""
+        raise MetricError(f"unknown metric(s) {', '.join(bad)}; valid: {', '.join(METRICS)}, or none{columns}")
 
 
 MODEL_OPTIONS = {"clip_model": ("CLIP", "--clip-model"), "blip_model": ("BLIP", "--blip-model"),
@@ -117,7 +118,6 @@ class Metric:
 
     name = "base"
     description = ""
-    from_records = False  # True: read from the records, nothing stored in scores/
     batch_size = 8
 
     def __init__(self, device: str = "cpu", **options):
@@ -287,33 +287,6 @@ class Owl(Metric):
         return out
 
 
-@register_metric
-class Time(Metric):
-    name = "time"
-    description = "seconds per image and its ratio to sd (from the records; always in the report)"
-    from_records = True
-
-
-@register_metric
-class Memory(Metric):
-    name = "memory"
-    description = "peak memory (from the records; always in the report)"
-    from_records = True
-
-
-@register_metric
-class Lpips(Metric):
-    name = "lpips"
-    description = "not available: the lpips package imports torchvision, which this stack cannot install"
-    from_records = True
-
-    def __init__(self, *a, **k):
-        raise MetricError(
-            "metric lpips is not implemented: the `lpips` package imports torchvision, which does not install "
-            "beside this torch build; see attnreg/eval/README.md"
-        )
-
-
 def scores_path(out: Path, metric: Metric) -> Path:
     return Path(out) / "scores" / f"{metric.name}-{stable_hash(metric.name, metric.settings())[:6]}.json"
 
@@ -348,9 +321,6 @@ def score_dir(out, metrics, device: str = "cpu", progress: bool = True, flush_ev
     summary = {}
     for name in names:
         metric = METRICS[name](device=device, **{k: v for k, v in options.items() if v is not None})
-        if metric.from_records:
-            summary[name] = {"scored": 0, "note": "read from the records by the report"}
-            continue
         path = scores_path(out, metric)
         data = {"metric": name, "settings": metric.settings(), "items": {}}
         if path.is_file():

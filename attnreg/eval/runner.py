@@ -160,179 +160,266 @@ def _local_model_height(model, size) -> int | None:
         return None
 
 
-def run_benchmark(
-    dataset: str,
-    methods: list[str] | str,
-    seeds="0-63",
-    model: str | None = None,
-    out: str | Path = "bench",
-    steps: int = 50,
-    guidance: float = 7.5,
-    size: int | None = None,
-    limit: int | None = None,
-    subsets: list[str] | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    method_options: dict[str, dict] | None = None,
-    metrics: list[str] | str | None = "auto",
-    metric_options: dict | None = None,
-    force: bool = False,
-    warmup: bool = False,
-    progress: bool = True,
-    report: bool = True,
-) -> dict:
+@dataclass
+class BenchmarkOptions:
+    """The settings of one run: `run_benchmark`'s arguments, checked at once and normalised (methods,
+    seeds and metrics as lists, "auto" metrics resolved, out a Path)."""
+
+    dataset: str
+    methods: list[str] | str
+    seeds: str | int | list = "0-63"
+    model: str | None = None  # None: the embedded shapes model
+    out: str | Path = "bench"
+    steps: int = 50
+    guidance: float = 7.5
+    size: int | None = None  # None: the model's own image size
+    limit: int | None = None
+    subsets: list[str] | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    method_options: dict[str, dict] | None = None
+    metrics: list[str] | str | None = "auto"
+    metric_options: dict | None = None
+    force: bool = False
+    warmup: bool = False  # one untimed image per method first: timings then exclude start-up costs
+    progress: bool = True
+    report: bool = True
+
+    def __post_init__(self):
+        from .metrics import check_metrics, parse_metrics
+
+        methods = self.methods.split(",") if isinstance(self.methods, str) else self.methods
+        self.methods = [m.strip() for m in methods if m.strip()]
+        check_methods(self.methods)
+        self.method_options = dict(self.method_options or {})
+        unknown = [m for m in self.method_options if m not in self.methods]
+        if unknown:
+            raise ValueError(f"--set names method(s) {', '.join(unknown)} that are not in --methods {','.join(self.methods)}")
+        self.seeds = parse_seeds(self.seeds)
+        if self.metrics == "auto":
+            self.metrics = "detect" if self.dataset == "shapes" else "clip"
+        self.metrics = parse_metrics(self.metrics)
+        check_metrics(self.metrics)
+        self.metric_options = dict(self.metric_options or {})
+        self.out = Path(self.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file, not a folder")
+
+    @property
+    def model_id(self) -> str:
+        """The model as records name it."""
+        return "embedded" if self.model is None else str(self.model)
+
+    def run_config(self, height: int) -> dict:
+        """The fields that must agree for records to share a folder (RUN_KEYS)."""
+        return {"dataset": self.dataset, "model": self.model_id, "steps": self.steps, "guidance": self.guidance,
+                "height": height, "width": height, "dtype": self.dtype}
+
+
+@dataclass
+class Plan:
+    """One process's share of a run: the pipeline, the methods made on it, and the items."""
+
+    pipe: object
+    state: object  # accelerate's PartialState
+    device: str
+    run: dict
+    prompts: list[Prompt]
+    made: dict  # method name -> Method
+    configs: dict  # method name -> its config (stored in records)
+    hashes: dict  # method name -> stable hash of (run, name, config)
+    items: list[Item]
+    shard: list[Item]
+    pending: list[Item]
+
+    @property
+    def call(self) -> dict:
+        h = self.run["height"]
+        return dict(num_inference_steps=self.run["steps"], guidance_scale=self.run["guidance"], height=h, width=h)
+
+
+def run_benchmark(dataset: str, methods: list[str] | str, **options) -> dict:
     """Generate every (prompt, seed, method) not already in `out`; then score and report (main process).
 
-    warmup: make one untimed image per method first (timings then exclude start-up costs).
-    Returns a summary dict: total, done_before, generated, seconds, out."""
-    import torch
-    from tqdm.auto import tqdm
+    `options` are the fields of `BenchmarkOptions` (seeds, model, out, steps, ...).
+    Returns a summary dict: total, done_before, generated, seconds, out, ..."""
+    return run(BenchmarkOptions(dataset, methods, **options))
 
-    from attnreg.pipelines import load_pipeline
-    from attnreg.tokens import resolve_targets
 
+def run(opts: BenchmarkOptions) -> dict:
+    """`run_benchmark` on options already made (the loop over this process's pending items)."""
     started = time.perf_counter()
-    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
-    methods = [m for m in methods if m]
-    check_methods(methods)
-    method_options = method_options or {}
-    unknown = [m for m in method_options if m not in methods]
-    if unknown:
-        raise ValueError(f"--set names method(s) {', '.join(unknown)} that are not in --methods {','.join(methods)}")
-    seeds = parse_seeds(seeds)
-    if metrics == "auto":
-        metrics = "detect" if dataset == "shapes" else "clip"
-    from .metrics import check_metric_models, check_metrics, parse_metrics
+    plan = plan_items(opts)
+    if opts.warmup:
+        warm_up(plan)
+    bar = _progress_bar(plan, opts.progress)
+    outcomes = {"generated": 0, "elsewhere": 0, "done": 0}
+    for it in plan.pending:
+        outcomes[run_item(plan, it, opts.out)] += 1
+        bar.set_postfix(left=len(plan.pending) - outcomes["generated"], refresh=False)
+        bar.update(1)
+    bar.close()
+    plan.state.wait_for_everyone()
+    return finish(plan, opts, outcomes["generated"], outcomes["elsewhere"], started)
 
-    check_metrics(parse_metrics(metrics))
-    prompts = load_dataset(dataset, subsets, limit)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    model_id = "embedded" if model is None else str(model)
 
+def _load(opts: BenchmarkOptions):
+    """The pipeline and the process state, after every check that needs no image: the folder's
+    configuration and numerics, the metric models, the prompts' targets. Returns (pipe, state, device, run)."""
+    from attnreg.pipelines import load_pipeline
+
+    model = opts.model
     if model is None:
         from ..toy import model_path
 
         model = model_path()
-    early = _local_model_height(model, size)
+    early = _local_model_height(model, opts.size)
     if early is not None:  # refuse before the (slow) pipeline load when the folder says enough
-        check_folder(out, {"dataset": dataset, "model": model_id, "steps": steps, "guidance": guidance,
-                           "height": early, "width": early, "dtype": dtype}, force)
-
-    state = distributed_state(device)
+        check_folder(opts.out, opts.run_config(early), opts.force)
+    state = distributed_state(opts.device)
+    device = opts.device
     if state.num_processes > 1 and str(device).startswith("cuda"):
         device = str(state.device)
-    pipe = load_pipeline(model, device, dtype)
-    height = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    run = {"dataset": dataset, "model": model_id, "steps": steps, "guidance": guidance, "height": height,
-           "width": height, "dtype": dtype}
-    check_folder(out, run, force)  # before anything is written
-    check_numerics(out, numerics(device), force)
+    pipe = load_pipeline(model, device, opts.dtype)
+    run = opts.run_config(opts.size or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    check_folder(opts.out, run, opts.force)  # before anything is written
+    check_numerics(opts.out, numerics(device), opts.force)
     if state.is_main_process:
-        check_metric_models(parse_metrics(metrics), device=device, **(metric_options or {}))  # before any image
-        stale = remove_stale_tmp(out) if out.is_dir() else 0
+        from .metrics import check_metric_models
+
+        check_metric_models(opts.metrics, device=device, **opts.metric_options)  # before any image
+        stale = remove_stale_tmp(opts.out) if opts.out.is_dir() else 0
         if stale:
             print(f"attnreg bench: removed {stale} temporary file(s) of interrupted writes", file=sys.stderr)
+    return pipe, state, device, run
 
+
+def plan_items(opts: BenchmarkOptions) -> Plan:
+    """Load and check everything, make the methods, and list this process's items (pending: not done)."""
+    from attnreg.tokens import resolve_targets
+
+    prompts = load_dataset(opts.dataset, opts.subsets, opts.limit)
+    pipe, state, device, run = _load(opts)
     for p in prompts:
         if not p.targets:
             raise ValueError(f"no targets for prompt {p.prompt!r} ({p.dataset}, subset {p.subset}); give them in the prompt file")
         resolve_targets(pipe.tokenizer, p.prompt, list(p.targets))  # TargetError names the prompt
-
-    made = {name: make_method(name, pipe, **method_options.get(name, {})) for name in methods}
-    method_configs = {name: m.config() for name, m in made.items()}
-    config_hash = {name: stable_hash(run, name, method_configs[name]) for name in methods}
+    made = {name: make_method(name, pipe, **opts.method_options.get(name, {})) for name in opts.methods}
+    configs = {name: m.config() for name, m in made.items()}
+    hashes = {name: stable_hash(run, name, configs[name]) for name in opts.methods}
     # seed-major: a run stopped part-way has every prompt for its first seeds (a balanced, paired subset)
     # rather than every seed for its first prompts
     items = [
-        Item(p, seed, name, item_key(p.subset, name, p.prompt, seed, config_hash[name], p.targets))
-        for seed in seeds for p in prompts for name in methods
+        Item(p, seed, name, item_key(p.subset, name, p.prompt, seed, hashes[name], p.targets))
+        for seed in opts.seeds for p in prompts for name in opts.methods
     ]
     # every method of one (prompt, seed) goes to the same process: the shares of work stay even, and
     # methods are timed side by side on the same device
-    per_group = len(methods)
+    per_group = len(opts.methods)
     shard = [it for i, it in enumerate(items) if (i // per_group) % state.num_processes == state.process_index]
-    pending = [it for it in shard if not is_done(out, it.key)]
-    broken = sum(damaged(out, it.key) for it in pending)
+    pending = [it for it in shard if not is_done(opts.out, it.key)]
+    broken = sum(damaged(opts.out, it.key) for it in pending)
     if broken:
         print(f"attnreg bench: {broken} damaged item(s) (unreadable record or image) will be made again", file=sys.stderr)
-    call = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=height)
+    return Plan(pipe, state, device, run, prompts, made, configs, hashes, items, shard, pending)
 
-    bar = tqdm(
-        total=len(shard), initial=len(shard) - len(pending), unit="img", disable=not progress,
+
+def _progress_bar(plan: Plan, progress: bool):
+    from tqdm.auto import tqdm
+
+    state = plan.state
+    return tqdm(
+        total=len(plan.shard), initial=len(plan.shard) - len(plan.pending), unit="img", disable=not progress,
         desc=f"bench [{state.process_index + 1}/{state.num_processes}]", position=state.process_index,
         dynamic_ncols=True, file=sys.stderr,
     )
-    cuda = str(device).startswith("cuda") and torch.cuda.is_available()
-    if warmup:  # one untimed image per method that has work left, so the first timing has no start-up cost
-        for name in dict.fromkeys(it.method for it in pending):
-            first = next(it for it in pending if it.method == name)
-            made[name].generate(first.prompt.prompt, list(first.prompt.targets), torch.Generator("cpu").manual_seed(0), **call)
-    generated = taken_elsewhere = 0
-    for it in pending:
-        if not claim(out, it.key):
-            taken_elsewhere += 1  # another process on this folder is making it
-            bar.update(1)
-            continue
-        if is_done(out, it.key):  # finished by another process since the list was made
-            release(out, it.key)
-            bar.update(1)
-            continue
-        generator = torch.Generator("cpu").manual_seed(noise_seed(it.prompt.prompt, it.seed))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        image = made[it.method].generate(it.prompt.prompt, list(it.prompt.targets), generator, **call)
-        if cuda:
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        memory, memory_kind = peak_memory(device)
-        indices = resolve_targets(pipe.tokenizer, it.prompt.prompt, list(it.prompt.targets))
-        ids = pipe.tokenizer(it.prompt.prompt).input_ids
-        atomic_save_image(image_path(out, it.key), image)
-        record = {
-            "key": it.key, "image": f"images/{it.key}.png", "dataset": it.prompt.dataset, "subset": it.prompt.subset,
-            "prompt": it.prompt.prompt, "targets": list(it.prompt.targets), "targets_source": it.prompt.targets_source,
-            "token_indices": indices, "tokens": [pipe.tokenizer.convert_ids_to_tokens(ids[i]).replace("</w>", "") for i in indices],
-            "seed": it.seed, "noise_seed": noise_seed(it.prompt.prompt, it.seed), "method": it.method,
-            "config": method_configs[it.method], "config_hash": config_hash[it.method][:6], "model": model_id, "run": run,
-            "seconds": seconds, "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
-            "device": str(device), "process": state.process_index, "processes": state.num_processes,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        atomic_write_json(record_path(out, it.key), record)  # last: a PNG without a record never counts
-        release(out, it.key)
-        generated += 1
-        bar.set_postfix(left=len(pending) - generated, refresh=False)
-        bar.update(1)
-    bar.close()
-    state.wait_for_everyone()
 
+
+def warm_up(plan: Plan) -> None:
+    """One untimed image per method that has work left, so the first timing has no start-up cost."""
+    import torch
+
+    for name in dict.fromkeys(it.method for it in plan.pending):
+        first = next(it for it in plan.pending if it.method == name)
+        generator = torch.Generator("cpu").manual_seed(0)
+        plan.made[name].generate(first.prompt.prompt, list(first.prompt.targets), generator, **plan.call)
+
+
+def run_item(plan: Plan, it: Item, out: Path) -> str:
+    """Make one item unless another process has it: "generated", "elsewhere" (claimed by another
+    process) or "done" (finished by another process since the plan was made)."""
+    import torch
+
+    if not claim(out, it.key):
+        return "elsewhere"
+    if is_done(out, it.key):
+        release(out, it.key)
+        return "done"
+    device = plan.device
+    cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+    generator = torch.Generator("cpu").manual_seed(noise_seed(it.prompt.prompt, it.seed))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    image = plan.made[it.method].generate(it.prompt.prompt, list(it.prompt.targets), generator, **plan.call)
+    if cuda:
+        torch.cuda.synchronize(device)
+    record = make_record(plan, it, time.perf_counter() - t0)
+    atomic_save_image(image_path(out, it.key), image)
+    atomic_write_json(record_path(out, it.key), record)  # last: a PNG without a record never counts
+    release(out, it.key)
+    return "generated"
+
+
+def make_record(plan: Plan, it: Item, seconds: float) -> dict:
+    """The JSON record of a finished item (call it right after the image: it reads the peak memory)."""
+    import torch
+
+    from attnreg.tokens import resolve_targets
+
+    tokenizer, p = plan.pipe.tokenizer, it.prompt
+    memory, memory_kind = peak_memory(plan.device)
+    indices = resolve_targets(tokenizer, p.prompt, list(p.targets))
+    ids = tokenizer(p.prompt).input_ids
+    return {
+        "key": it.key, "image": f"images/{it.key}.png", "dataset": p.dataset, "subset": p.subset,
+        "prompt": p.prompt, "targets": list(p.targets), "targets_source": p.targets_source,
+        "token_indices": indices, "tokens": [tokenizer.convert_ids_to_tokens(ids[i]).replace("</w>", "") for i in indices],
+        "seed": it.seed, "noise_seed": noise_seed(p.prompt, it.seed), "method": it.method,
+        "config": plan.configs[it.method], "config_hash": plan.hashes[it.method][:6], "model": plan.run["model"],
+        "run": plan.run, "seconds": seconds, "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
+        "device": str(plan.device), "process": plan.state.process_index, "processes": plan.state.num_processes,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def finish(plan: Plan, opts: BenchmarkOptions, generated: int, taken_elsewhere: int, started: float) -> dict:
+    """The summary; on the main process also the totals line, the scores and the report."""
+    state, items = plan.state, plan.items
+    done_before = len(plan.shard) - len(plan.pending)
     summary = {
-        "out": str(out), "total": len(items), "done_before": len(shard) - len(pending), "generated": generated,
-        "taken_elsewhere": taken_elsewhere,
-        "shard": len(shard), "process": state.process_index, "processes": state.num_processes,
-        "seconds": time.perf_counter() - started,
+        "out": str(opts.out), "total": len(items), "done_before": done_before, "generated": generated,
+        "taken_elsewhere": taken_elsewhere, "shard": len(plan.shard), "process": state.process_index,
+        "processes": state.num_processes, "seconds": time.perf_counter() - started,
     }
     if not state.is_main_process:
         return summary
-    complete = sum(is_done(out, it.key) for it in items)
-    summary["complete"] = complete
+    summary["complete"] = sum(is_done(opts.out, it.key) for it in items)
     print(
-        f"attnreg bench: {len(items)} items ({len(prompts)} prompts x {len(seeds)} seeds x {len(methods)} methods), "
-        f"{complete} complete, {generated} generated by this process, {len(shard) - len(pending)} already done, "
-        f"{summary['seconds']:.1f} s, {state.num_processes} process(es) -> {out}",
+        f"attnreg bench: {len(items)} items ({len(plan.prompts)} prompts x {len(opts.seeds)} seeds x "
+        f"{len(opts.methods)} methods), {summary['complete']} complete, {generated} generated by this process, "
+        f"{done_before} already done, {summary['seconds']:.1f} s, {state.num_processes} process(es) -> {opts.out}",
         file=sys.stderr,
     )
-    if parse_metrics(metrics):
+    if opts.metrics:
         from .metrics import score_dir
 
-        summary["scores"] = score_dir(out, metrics, device=device, progress=progress, **(metric_options or {}))
-    if report:
+        summary["scores"] = score_dir(opts.out, opts.metrics, device=plan.device, progress=opts.progress,
+                                      **opts.metric_options)
+    if opts.report:
         from .report import write_report
 
-        summary["report"] = str(write_report(out))
+        summary["report"] = str(write_report(opts.out))
     return summary

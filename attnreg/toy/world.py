@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
@@ -131,6 +130,3 @@ def sample(seed: int, n_objects: int | None = None, plain_prob: float = 0.0) -> 
         cap = caption(objs, rng)
     return render(objs), cap, objs
 
-
-def render_array(objs: list[Obj]) -> np.ndarray:
-    return np.asarray(render(objs))
