@@ -127,7 +127,7 @@ def collect(out: Path, param: str, values: list, fidelity: str, dataset: str, se
     """Per value of `param` (and `sd`): fidelity and seconds per image, with 95 % intervals."""
     from .eval.io import iter_records
     from .eval.metrics import load_scores
-    from .eval.report import summarise
+    from .eval.stats import summarise
 
     metric, field_name = fidelity.split(".", 1)
     scores = load_scores(out).get(metric, {}).get("items", {})

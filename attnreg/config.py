@@ -18,9 +18,11 @@ class RegulationConfig:
     default preset of `AttentionRegulator(pipe)`, the command line and the benchmark is `auto` (below).
 
     The `paper` preset follows the authors' released code, with three fixes:
-    8 x 8 maps work (bump sigma is at least 1 and the bump grid spans any map size), the initial
-    weights come from a generator seeded with `seed` so a run is reproducible, and each edited
-    attention is computed once (the release ran the layer's own forward, then recomputed it).
+    8 x 8 maps work (bump sigma is at least 1 and the bump grid spans any map size), each image's
+    initial weights come from its own seeded stream and it keeps its own best iterate (so a run is
+    reproducible and an image does not depend on its batch; for one image this is the release's
+    solver), and each edited attention is computed once (the release ran the layer's own forward,
+    then recomputed it).
 
     Where:
       layers: UNet block prefixes ("down_blocks.2", "mid_block") or full attention module names
@@ -38,8 +40,8 @@ class RegulationConfig:
       per_target_share: tau = min(1, per_target_share * n); each target's mean attention -> tau / n.
     The solver:
       iterations, lr: 20 gradient-descent steps of size 100 per (image, head); best iterate kept.
-      init_low, init_high: initial weights uniform in [init_low, init_high), drawn from a generator
-        seeded with `seed` at the start of every call.
+      init_low, init_high: initial weights uniform in [init_low, init_high), drawn per image from a
+        stream keyed by `seed` and that image's generator seed (its position when no generator is given).
     Over steps:
       smoothing: applied = decay**s * (smoothing * previous best + (1 - smoothing) * best).
       decay: 0.99 as released.
