@@ -178,7 +178,7 @@ def test_errors_are_shown_on_the_page(server, browser):
     type_prompt(page, "a green triangle", targets="triangle")
     page.locator("#run").click()
     wait_done(page, "a green triangle")
-    assert page.locator("#regulated-0 img").is_visible()
+    page.locator("#regulated-0 img").wait_for(state="visible", timeout=WAIT_MS)  # rendered just after the status
 
 
 def test_two_tabs_at_once_get_their_own_images(server, browser):
@@ -237,7 +237,7 @@ def test_stop_leaves_the_app_usable(server, browser):
     page.locator("#run").click()
     wait_done(page, "a red circle and a blue square")
     assert time.time() - start < remaining / 2, (time.time() - start, remaining)
-    assert page.locator("#regulated-0 img").is_visible()
+    page.locator("#regulated-0 img").wait_for(state="visible", timeout=WAIT_MS)  # rendered just after the status
 
 
 def test_stop_in_a_waiting_tab_takes_its_job_off_the_queue(server, browser):
