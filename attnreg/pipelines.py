@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -111,6 +113,27 @@ def load_tokenizer(model: str | Path):
         raise OSError(f"could not load the tokenizer of {str(model)!r}: {err}") from err
 
 
+@contextmanager
+def quiet_loading():
+    """No progress bars and no library notices while a pipeline loads (the "requires torchvision" lines
+    of transformers' image processors concern parts attnreg does not use); Python warnings and errors still show."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    before = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(before[0])
+        diffusers_logging.set_verbosity(before[1])
+        transformers_logging.enable_progress_bar()
+        diffusers_logging.enable_progress_bar()
+
+
 def load_pipeline(model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32"):
     """A diffusers pipeline from `model` (a local `save_pretrained` folder or a hub id), with its progress
     bar off and no safety checker; the embedded shapes model is `attnreg.toy.load_pipeline()`."""
@@ -130,7 +153,8 @@ def load_pipeline(model: str | Path, device: str = "cpu", dtype: str | torch.dty
     if index.is_file() and "safety_checker" in json.loads(index.read_text()):
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra)
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra)
     except OSError as err:
         raise OSError(
             f"could not load the pipeline {str(model)!r}: {err}. Without access to the model hub, pass a local "

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from attnreg.cli import main
+from attnreg.names import prompt_stem as slug
 from attnreg.testing import tiny_sd_pipeline
 
 
@@ -34,7 +35,6 @@ def test_generate_compare_writes_predictable_files(tiny_model, tmp_path, capsys)
     code = main(["generate", "a cat and a dog", "--targets", "cat,dog", "--model", tiny_model, "--steps", "4",
                  "--seed", "3", "--out", str(out), "--compare", "--preset", "paper"])
     assert code == 0
-    from attnreg.names import prompt_stem as slug
 
     stem = f"{slug('a cat and a dog')}_seed3"
     assert stem.startswith("a-cat-and-a-dog-") and len(stem) == len("a-cat-and-a-dog-123456_seed3")
@@ -87,7 +87,6 @@ def test_calibrate_prints_the_layers_and_writes_attnreg_json(tiny_model, tmp_pat
 
 
 def test_names_never_collide():
-    from attnreg.names import prompt_stem as slug
 
     assert slug("a 🐱 and a 🐶") != slug("a 🐶 and a 🐱")
     assert slug("ein roter Kreis über einem Würfel").startswith("ein-roter-kreis-über-einem-würfel-")
@@ -114,3 +113,21 @@ def test_an_unreachable_or_unknown_hub_id_fails_at_once(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("pass a local folder" in line for line in err)
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_generate_prints_only_its_own_lines(tiny_model, tmp_path):
+    # A fresh process: the libraries' one-time notices ("requires torchvision") and loading bars would
+    # show there, and nowhere else.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "attnreg.cli", "generate", "a cat and a dog", "--model", tiny_model,
+                           "--steps", "1", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert all(line.startswith("attnreg: ") for line in done.stderr.splitlines()), done.stderr  # e.g. calibrating
+    *notes, image, record = done.stdout.splitlines()
+    assert all(line.startswith("attnreg: ") for line in notes), done.stdout  # the automatic targets
+    assert [Path(image).name, Path(record).name] == [
+        f"{slug('a cat and a dog')}_seed42_attnreg.png", f"{slug('a cat and a dog')}_seed42.json"]
