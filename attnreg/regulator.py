@@ -12,7 +12,7 @@ from .names import split_list
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
 from .tokens import TargetError, auto_targets, eos_index, modifier_indices, resolve_targets, token_table
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 
 
 class UnsupportedPipelineError(TypeError):
@@ -30,10 +30,14 @@ class GuidanceError(ValueError):
 def check_pipeline(pipe) -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+    from .joint import joint_family, unsupported_variant
+
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)) and joint_family(pipe) is None:
+        why = unsupported_variant(pipe)
         raise UnsupportedPipelineError(
-            f"attnreg supports {' and '.join(SUPPORTED_PIPELINES)} (SD 1.x, 2.x, SDXL) and their subclasses; "
-            f"got {type(pipe).__name__}. SD3 and FLUX use joint attention and are not supported yet."
+            "attnreg supports StableDiffusionPipeline and StableDiffusionXLPipeline (SD 1.x, 2.x, SDXL), "
+            "StableDiffusion3Pipeline and FluxPipeline (SD3, FLUX text-to-image) and their subclasses; "
+            f"got {type(pipe).__name__}" + (f": {why}." if why else ".")
         )
 
 
@@ -88,6 +92,16 @@ class AttentionRegulator:
     and restored (the same objects) when the call ends, however it ends. Every keyword other than
     `targets` goes to the pipeline unchanged, `callback_on_step_end` included.
     """
+
+    def __new__(cls, pipe, *args, **kwargs):
+        # SD3 and FLUX (joint attention) get the MMDiT regulator of joint.py; same API.
+        if cls is AttentionRegulator:
+            check_pipeline(pipe)
+            from .joint import JointAttentionRegulator, joint_family
+
+            if joint_family(pipe) is not None:
+                cls = JointAttentionRegulator
+        return super().__new__(cls)
 
     def __init__(self, pipe, config: RegulationConfig | None = None):
         check_pipeline(pipe)
@@ -173,7 +187,7 @@ class AttentionRegulator:
         if not any(r["indices"] for r in resolved):
             return None
         per_image = kwargs.get("num_images_per_prompt", 1) or 1
-        eos = [eos_index(self.pipe.tokenizer, r["prompt"]) for r in resolved]  # once per prompt, not per image
+        eos = [self._eos(r) for r in resolved]  # once per prompt, not per image
         columns, nouns, pairs = [tuple(r["indices"]) for r in resolved], None, None
         if self.config.binding > 0:
             bound = [self._bind(r) for r in resolved]
@@ -189,6 +203,9 @@ class AttentionRegulator:
             image_pairs=pairs,
             image_seeds=self._image_seeds(kwargs.get("generator"), len(prompts) * per_image),
         )
+
+    def _eos(self, resolved: dict) -> int:
+        return eos_index(self.pipe.tokenizer, resolved["prompt"])
 
     def _image_seeds(self, generator, n_images: int) -> list[int]:
         """The stream of each image's initial weights, keyed by its generator's seed and its place among
@@ -212,6 +229,11 @@ class AttentionRegulator:
         edit_steps = steps // 2 if self.config.edit_steps is None else self.config.edit_steps
         if edit_steps > steps:
             raise GuidanceError(f"edit_steps={edit_steps} is larger than num_inference_steps={steps}")
+        self._check_guidance(kwargs)
+        return int(steps), int(edit_steps)
+
+    def _check_guidance(self, kwargs: dict) -> None:
+        """A GuidanceError when the call has no conditional half to edit."""
         guidance = kwargs.get("guidance_scale", pipeline_default(self.pipe, "guidance_scale"))
         if getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is not None:
             raise GuidanceError(
@@ -224,7 +246,6 @@ class AttentionRegulator:
                 f"attnreg edits the conditional half of classifier-free guidance; guidance_scale={guidance} "
                 "gives no unconditional half. Use guidance_scale > 1."
             )
-        return int(steps), int(edit_steps)
 
     @contextmanager
     def observing(self, *observers):

@@ -1,0 +1,510 @@
+"""Attention Regulation on MMDiT pipelines (joint attention): SD3 and FLUX.
+
+In an MMDiT block the image tokens' queries attend to the text tokens and the image tokens in one
+softmax. The "cross-attention map" of a target word is the image queries' probabilities at that word's
+text column, so the edit is the paper's: Gaussian-bump offsets on the logits of the image rows at the
+target text columns, every other column (the other text tokens and all image tokens) folded into the
+log-sum-exp. `regulation.regulate_step` does exactly that when given the image rows with all key
+columns; this module only moves tensors in and out of diffusers' joint-attention processors.
+
+The text-first view. Whatever order the model concatenates the streams in (SD3: image then text; FLUX:
+text then image), the regulated scores are laid out text columns first, then image columns. A target's
+column is then its position in the joint text sequence (softmax does not care about column order), and
+column 0 is the text stream's first token, which `restore_special` keeps as the release keeps SOS.
+
+The joint text sequence (what `resolve()["indices"]` counts in):
+  SD3:  columns 0..76 are the CLIP tokens (CLIP-L and CLIP-G side by side on the feature axis, one
+        column per token: SOS, words, EOS, padding), columns 77..77+L-1 the T5 tokens (words, EOS,
+        padding; L = the call's max_sequence_length, 256 by default). Without T5 (text_encoder_3=None)
+        those L columns are the pipeline's zero embeddings. Targets are looked up in T5 when the
+        pipeline has it, else in CLIP (`text_stream` overrides): one column per sub-token, in one stream.
+  FLUX: the T5 tokens only (L = max_sequence_length, 512 by default); T5 has no SOS, so column 0 is the
+        first word and `restore_special` is applied to the T5 EOS only (see `JointRegulatedProcessor`).
+
+Guidance. SD3 runs classifier-free guidance as one batch (unconditional half first): the conditional
+half is edited, as on the UNet. FLUX dev and schnell are guidance-distilled (the guidance scale is an
+input of the transformer): the batch has no unconditional half and every image of it is edited.
+FLUX's "true CFG" (true_cfg_scale > 1 with a negative prompt) runs the negative prompt as a second
+transformer call, which is refused.
+
+Layers. Every joint block runs at the image-token resolution, so only "which blocks" is a choice. The
+default is a structural rule, the middle third of the joint blocks (SD3 medium's 24: blocks 8..15; at
+least one block). The calibration of the `auto` preset (calibrate.py) reads a UNet's attn2 layers and
+is not run on MMDiT: the structural rule is used there. FLUX's single-stream blocks (text and image in
+one stream) are not edited.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, RegulationConfig
+from .processor import RegulationState
+from .regulator import AttentionRegulator, GuidanceError, LayerError, pipeline_default
+from .regulation import regulate_step
+from .tokens import TargetError, Token, auto_targets, eos_index, format_tokens, resolve_targets, token_table
+
+JOINT_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+CLIP_LENGTH = 77  # SD3's CLIP stream: tokenizer_max_length
+
+
+def joint_family(pipe) -> str | None:
+    """"sd3", "flux", or None for a pipeline that is not a supported MMDiT text-to-image pipeline."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return "sd3"
+    if isinstance(pipe, FluxPipeline):
+        return "flux"
+    return None
+
+
+def unsupported_variant(pipe) -> str | None:
+    """Why an MMDiT-like pipeline that is not SD3/FLUX text-to-image cannot be regulated, or None."""
+    name = type(pipe).__name__
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        return None
+    if re.search(r"Kontext|Fill|Img2Img|Inpaint|Control|Redux|PriorRedux", name):
+        return (f"{name} is an image-conditioned variant (its image tokens also carry a reference or masked "
+                "image), not supported")
+    if name.startswith(("Flux", "StableDiffusion3")):
+        return f"{name} is not one of the supported MMDiT pipelines"
+    has_text_stream = any(getattr(m, "add_k_proj", None) is not None for m in transformer.modules())
+    if not has_text_stream:
+        return f"{name}'s transformer has no text stream in its attention (no joint text keys to regulate)"
+    return f"{name} is not one of the supported MMDiT pipelines"
+
+
+# -- text columns ------------------------------------------------------------------------------------
+
+
+def t5_table(tokenizer, prompt: str, length: int) -> list[Token]:
+    """Every T5 token the text encoder sees at `length` (words .. EOS), as the pipeline truncates them."""
+    ids = tokenizer(prompt, truncation=True, max_length=length, add_special_tokens=True).input_ids
+    return [Token(i, tokenizer.convert_ids_to_tokens(t).replace("\u2581", "") or "\u2581") for i, t in enumerate(ids)]
+
+
+def resolve_t5_targets(tokenizer, prompt: str, targets: list[str | int], length: int) -> list[int]:
+    """T5 token indices (0 = the first word; T5 has no SOS) of every sub-token of every target, as
+    `tokens.resolve_targets` does for CLIP: phrases, "cat#2", ints as token indices. A target past the
+    `length`-token truncation is a TargetError naming it and what the encoder sees."""
+    full = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
+    table = t5_table(tokenizer, prompt, length)
+    found: list[int] = []
+    for target in targets:
+        if isinstance(target, int):
+            if not 0 <= target < len(table) - 1:
+                raise TargetError(f"target index {target} is not a word token of {prompt!r} in T5; valid indices are "
+                                  f"0..{len(table) - 2}: {format_tokens(table)}")
+            indices = [target]
+        else:
+            text, occurrence = str(target).strip(), 1
+            match = re.match(r"^(.*?)#(\d+)$", text)
+            if match:
+                text, occurrence = match.group(1).strip(), int(match.group(2))
+            sub = tokenizer(text, add_special_tokens=False).input_ids if text else []
+            if not sub:
+                raise TargetError(f"empty target {target!r}; the prompt's T5 tokens are: {format_tokens(table)}")
+            starts = [i for i in range(len(full) - len(sub) + 1) if full[i : i + len(sub)] == sub]
+            if len(starts) < occurrence:
+                where = "" if not starts else f" (it occurs {len(starts)} time(s))"
+                raise TargetError(f"target {target!r} is not in the prompt {prompt!r}{where}; its T5 tokens are: "
+                                  f"{format_tokens(table)}")
+            start = starts[occurrence - 1]
+            indices = list(range(start, start + len(sub)))
+            if indices[-1] >= length - 1:  # the last slot holds EOS after truncation
+                raise TargetError(
+                    f"target {target!r} is at T5 token {start} of {prompt!r}, past the {length}-token truncation "
+                    f"(max_sequence_length); the text encoder only sees: {format_tokens(table)}")
+        found += [i for i in indices if i not in found]
+    return found
+
+
+@dataclass(frozen=True)
+class TextStream:
+    """Where a pipeline's target tokens are found and where they sit in the joint text sequence."""
+
+    name: str  # "t5" or "clip"
+    tokenizer: object
+    offset: int  # column of the stream's token 0 in the joint text sequence
+
+    def resolve(self, prompt: str, targets: list, length: int) -> list[int]:
+        if self.name == "clip":
+            return resolve_targets(self.tokenizer, prompt, targets)
+        return resolve_t5_targets(self.tokenizer, prompt, targets, length)
+
+    def table(self, prompt: str, length: int) -> list[Token]:
+        return token_table(self.tokenizer, prompt) if self.name == "clip" else t5_table(self.tokenizer, prompt, length)
+
+    def eos(self, prompt: str, length: int) -> int:
+        if self.name == "clip":
+            return eos_index(self.tokenizer, prompt)
+        return len(t5_table(self.tokenizer, prompt, length)) - 1
+
+
+def choose_text_stream(pipe, family: str, choice: str | None = None) -> TextStream:
+    """The stream targets are looked up in: T5 where the pipeline has it (SD3's tokenizer_3, FLUX's
+    tokenizer_2), else SD3's CLIP; `choice` ("t5" or "clip") overrides for SD3."""
+    if family == "flux":
+        if choice not in (None, "t5"):
+            raise ValueError(f"FLUX's joint attention sees T5 tokens only; text_stream={choice!r} is not possible")
+        return TextStream("t5", pipe.tokenizer_2, 0)
+    if choice not in (None, "t5", "clip"):
+        raise ValueError(f"text_stream must be 't5' or 'clip', got {choice!r}")
+    has_t5 = getattr(pipe, "text_encoder_3", None) is not None and getattr(pipe, "tokenizer_3", None) is not None
+    if choice == "t5" and not has_t5:
+        raise ValueError("text_stream='t5' needs the pipeline's T5 encoder; this SD3 pipeline has text_encoder_3=None "
+                         "(its T5 columns are zeros), use 'clip'")
+    if choice == "clip" or not has_t5:
+        return TextStream("clip", pipe.tokenizer, 0)
+    return TextStream("t5", pipe.tokenizer_3, CLIP_LENGTH)
+
+
+# -- layers --------------------------------------------------------------------------------------------
+
+
+def joint_attention_layers(transformer) -> list[str]:
+    """The attention modules whose keys include a text stream ("transformer_blocks.3.attn"), in order."""
+    return [name for name, module in transformer.named_modules()
+            if name.startswith("transformer_blocks.") and name.endswith(".attn")
+            and getattr(module, "add_k_proj", None) is not None]
+
+
+def default_joint_layers(transformer) -> tuple[str, ...]:
+    """The middle third of the joint blocks (at least one): SD3 medium's 24 -> blocks 8..15."""
+    names = joint_attention_layers(transformer)
+    n = len(names)
+    start, stop = n // 3, max(n // 3 + 1, (2 * n) // 3)
+    return tuple(names[start:stop])
+
+
+def select_joint_layers(transformer, layers: tuple[str, ...] | None) -> frozenset[str]:
+    """The joint attention modules named by `layers`: "transformer_blocks.3", its ".attn", or "3"."""
+    names = joint_attention_layers(transformer)
+    if layers is None:
+        return frozenset(default_joint_layers(transformer))
+    chosen = set()
+    for entry in layers:
+        entry = str(entry).removesuffix(".processor")
+        if entry.isdigit():
+            entry = f"transformer_blocks.{entry}"
+        hits = [n for n in names if n == entry or n.startswith(entry + ".")]
+        if not hits:
+            raise LayerError(
+                f"{entry!r} is not a joint-attention block of this transformer; valid blocks: "
+                f"transformer_blocks.0 .. transformer_blocks.{len(names) - 1} (or their index, or a full name such "
+                f"as {names[0]!r})")
+        chosen.update(hits)
+    return frozenset(chosen)
+
+
+# -- the processor -------------------------------------------------------------------------------------
+
+
+def _sd3_streams(attn, hidden_states, context):
+    """SD3's JointAttnProcessor2_0 up to the attention: (image q, k, v), (text q, k, v), each (B, H, S, D)."""
+    batch = hidden_states.shape[0]
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+
+    def split(x):
+        return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+    query, key, value = split(query), split(key), split(value)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    c_query, c_key, c_value = split(attn.add_q_proj(context)), split(attn.add_k_proj(context)), split(attn.add_v_proj(context))
+    if attn.norm_added_q is not None:
+        c_query = attn.norm_added_q(c_query)
+    if attn.norm_added_k is not None:
+        c_key = attn.norm_added_k(c_key)
+    return (query, key, value), (c_query, c_key, c_value)
+
+
+def _flux_streams(attn, hidden_states, context, image_rotary_emb):
+    """FluxAttnProcessor up to the attention: the joint (q, k, v) in its order (text, image), (B, S, H, D),
+    RoPE applied, and the number of text tokens."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    query, key, value, e_query, e_key, e_value = _get_qkv_projections(attn, hidden_states, context)
+    query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    e_query, e_key, e_value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (e_query, e_key, e_value))
+    e_query, e_key = attn.norm_added_q(e_query), attn.norm_added_k(e_key)
+    query, key, value = (torch.cat([a, b], dim=1) for a, b in ((e_query, query), (e_key, key), (e_value, value)))
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value, context.shape[1]
+
+
+UNCHANGED = object()
+
+
+class JointRegulatedProcessor:
+    """Wraps one joint-attention layer's own processor (JointAttnProcessor2_0 for SD3, FluxAttnProcessor
+    for FLUX); regulates or records the image-to-text block of its attention when asked.
+
+    Not edited and not recorded: the layer's own processor runs, untouched. Edited: the image rows'
+    probabilities of the regulated images are computed explicitly in fp32 (text columns first), handed
+    to `regulate_step`, and their attention output is replaced; every other row (the text queries, the
+    unconditional half, images not regulated) comes from the same attention call the original makes.
+    When regulation changes nothing, the layer's own processor gives the output, so such a call is the
+    plain pipeline's bit for bit. Observers get the image rows x text columns probabilities
+    (batch, heads, image tokens, text tokens), softmax taken over the whole joint sequence.
+    """
+
+    def __init__(self, name: str, original, state: RegulationState, family: str, restore_sos: bool):
+        self.name, self.original, self.state, self.family = name, original, state, family
+        # FLUX: T5 has no SOS and column 0 is a word, which `restore_special` would put back unedited; so
+        # regulate_step runs without it and only the EOS column is restored here.
+        self.restore_eos_only = not restore_sos and state.config.restore_special
+        self.config = state.config.replace(restore_special=False) if self.restore_eos_only else state.config
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        state = self.state
+        joint = encoder_hidden_states is not None
+        edit = joint and state.edits(self.name)
+        observers = state.observed(self.name) if joint else []
+        if not edit and not observers:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if attention_mask is not None:
+            raise NotImplementedError("attnreg does not regulate a joint attention with an attention_mask")
+        rotary = kwargs.get("image_rotary_emb", args[0] if args else None)
+        output = self._explicit(attn, hidden_states, encoder_hidden_states, rotary, edit, observers)
+        if output is UNCHANGED:
+            output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        return output
+
+    def _explicit(self, attn, hidden_states, context, rotary, edit, observers):
+        if self.family == "sd3":
+            (q, k, v), (cq, ck, cv) = _sd3_streams(attn, hidden_states, context)
+            n_text = cq.shape[2]
+            image_q, keys, values = q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)  # text first
+        else:
+            query, key, value, n_text = _flux_streams(attn, hidden_states, context, rotary)
+            image_q = query[:, n_text:].transpose(1, 2)
+            keys, values = key.transpose(1, 2), value.transpose(1, 2)  # (B, H, S, D), already text first
+        batch, heads, n_image, head_dim = image_q.shape
+        rows = list(range(batch)) if observers else self._cond_rows(batch)
+        # Logits in fp32 whatever the pipeline's dtype; the scale is SDPA's default, as both processors use.
+        scores = torch.matmul(image_q[rows].float(), keys[rows].float().transpose(-1, -2)) / math.sqrt(head_dim)
+        probs = scores.softmax(dim=-1)  # (rows, H, image tokens, text + image tokens)
+        changed: list[int] = []
+        if edit:
+            probs, changed = self._regulate(scores, probs, rows, n_image)
+        for observer in observers:
+            observer.record(self.name, self.state.step, probs[..., :n_text], self.state)
+        if not changed:
+            return UNCHANGED
+        edited = torch.matmul(probs[[rows.index(r) for r in changed]].to(values.dtype), values[changed])  # (r, H, N, D)
+        if self.family == "sd3":
+            return self._sd3_output(attn, hidden_states, (q, k, v), (cq, ck, cv), changed, edited)
+        return self._flux_output(attn, query, key, value, n_text, changed, edited)
+
+    def _cond_rows(self, batch: int) -> list[int]:
+        n = self.state.plan.n_images
+        guided = self.family == "sd3"
+        if batch != (2 * n if guided else n):
+            what = "a guidance batch of {} (unconditional + conditional)".format(2 * n) if guided else f"a batch of {n}"
+            raise RuntimeError(f"attnreg expected {what}, got {batch}")
+        return list(range(n, 2 * n)) if guided else list(range(n))
+
+    def _regulate(self, scores, probs, rows: list[int], n_image: int):
+        """regulation.regulate_step per group of images sharing their targets; (probs, batch rows changed)."""
+        state, plan = self.state, self.state.plan
+        heads = scores.shape[1]
+        first = plan.n_images if self.family == "sd3" else 0  # where the edited images start in the batch
+        bases = state.bases(state.map_shape(n_image), scores.device)
+        config = self.config
+        probs, changed = probs.clone(), []
+        for (targets, n_nouns, pairs), images in plan.groups().items():
+            at = [rows.index(first + i) for i in images]
+            init = state.initial_weights(images, (heads, bases.shape[0], len(targets))).to(scores.device)
+            key = (self.name, targets)
+            eos = torch.tensor([plan.image_eos[i] for i in images], device=scores.device).repeat_interleave(heads)
+            flat = lambda x: x[at].reshape(len(at) * heads, n_image, -1)  # noqa: E731 - (B, P, J)
+            unedited = flat(probs)
+            done = regulate_step(flat(scores), unedited, targets, bases, init, state.previous_best.get(key),
+                                 state.step, config, heads=heads, eos=eos, n_nouns=n_nouns, pairs=pairs)
+            if done is None:
+                state.previous_best[key] = torch.zeros_like(init)
+                continue
+            new = done.probs
+            if self.restore_eos_only:  # regulate_step's restore_special without its SOS column
+                every = torch.arange(new.shape[0], device=new.device)
+                new[every, :, eos] = unedited[every, :, eos]
+            state.previous_best[key] = done.weights
+            state.stats[(self.name, state.step, targets)] = (done.initial_loss, done.loss)
+            probs[at] = new.reshape(len(at), heads, n_image, -1)
+            changed += [first + i for i in images]
+        return probs, sorted(changed)
+
+    @staticmethod
+    def _sd3_output(attn, hidden_states, image, text, changed, edited):
+        # JointAttnProcessor2_0 from the attention on, with the regulated image rows replaced.
+        (q, k, v), (cq, ck, cv) = image, text
+        batch, n_image = hidden_states.shape[0], q.shape[2]
+        query, key, value = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out[changed, :, :n_image] = edited.to(out.dtype)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1]).to(query.dtype)
+        out, context = out[:, :n_image], out[:, n_image:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out, context
+
+    @staticmethod
+    def _flux_output(attn, query, key, value, n_text, changed, edited):
+        # FluxAttnProcessor from the attention on, with the regulated image rows replaced.
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        out = dispatch_attention_fn(query, key, value, attn_mask=None, backend=FluxAttnProcessor._attention_backend,
+                                    parallel_config=FluxAttnProcessor._parallel_config)  # (B, S, H, D)
+        out[changed, n_text:] = edited.transpose(1, 2).to(out.dtype)
+        out = out.flatten(2, 3).to(query.dtype)
+        context, out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(context.contiguous())
+
+
+# -- the regulator -------------------------------------------------------------------------------------
+
+
+class JointAttentionRegulator(AttentionRegulator):
+    """`AttentionRegulator` for SD3 and FLUX (see the module docstring for what is edited where).
+
+    text_stream: SD3 only, "t5" (default when the pipeline has T5) or "clip" (default without it).
+    """
+
+    def __init__(self, pipe, config: RegulationConfig | None = None, text_stream: str | None = None):
+        self.family = joint_family(pipe)
+        self.pipe = pipe
+        self.config = config or RegulationConfig.from_preset("auto")
+        if self.config.binding > 0:
+            raise ConfigError("attribute binding (binding > 0) is not available on SD3/FLUX yet; use binding=0")
+        self.stream = choose_text_stream(pipe, self.family, text_stream)
+        # `layer_choice="calibrated"` reads a UNet's attn2 layers (calibrate.py): the structural rule here.
+        self.layers = select_joint_layers(pipe.transformer, self.config.layers)
+        self.state = RegulationState(self.config, self.layers)
+        self.last_targets: list[dict] = []
+        self._removed = False
+        self._length = self._max_length({})
+
+    def _max_length(self, kwargs) -> int:
+        if self.stream.name == "clip":
+            return self.stream.tokenizer.model_max_length
+        return int(kwargs.get("max_sequence_length") or pipeline_default(self.pipe, "max_sequence_length"))
+
+    # -- targets ------------------------------------------------------------------------------
+    def resolve(self, prompt: str, targets) -> dict:
+        """{"prompt", "targets", "indices" (columns of the joint text sequence), "tokens", "source",
+        "stream" ("t5" or "clip"), "stream_indices" (the stream's own token indices)}."""
+        source = "given"
+        if targets is None:
+            targets, source = auto_targets(prompt)
+            targets = self._within_reach(prompt, targets)
+        found = self.stream.resolve(prompt, list(targets), self._length)
+        table = self.stream.table(prompt, self._length)
+        return {
+            "prompt": prompt, "targets": list(targets), "indices": [self.stream.offset + i for i in found],
+            "tokens": [table[i].text for i in found], "source": source, "stream": self.stream.name,
+            "stream_indices": found,
+        }
+
+    def _within_reach(self, prompt: str, nouns: list[str]) -> list[str]:
+        kept = []
+        for noun in nouns:
+            try:
+                self.stream.resolve(prompt, [noun], self._length)
+            except TargetError as err:
+                warnings.warn(f"attnreg: automatic target dropped: {err}", stacklevel=4)
+                continue
+            kept.append(noun)
+        return kept
+
+    def token_table(self, prompt: str, max_sequence_length: int | None = None) -> list[Token]:
+        """The stream's tokens as the joint attention sees them, indexed by joint text column."""
+        length = self._length if max_sequence_length is None else max_sequence_length
+        return [Token(t.index + self.stream.offset, t.text) for t in self.stream.table(prompt, length)]
+
+    def _eos(self, resolved: dict) -> int:
+        return self.stream.offset + self.stream.eos(resolved["prompt"], self._length)
+
+    # -- the call -----------------------------------------------------------------------------
+    def plan(self, prompt, targets=None, **kwargs):
+        for other in ("prompt_2", "prompt_3"):
+            if kwargs.get(other) is not None:
+                raise ValueError(f"attnreg finds the targets in `prompt`; {other} is not supported")
+        self._length = self._max_length(kwargs)
+        return super().plan(prompt, targets, **kwargs)
+
+    def _check_guidance(self, kwargs: dict) -> None:
+        if self.family == "flux":
+            true_cfg = kwargs.get("true_cfg_scale", pipeline_default(self.pipe, "true_cfg_scale")) or 1.0
+            if true_cfg > 1 and (kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None):
+                raise GuidanceError("attnreg edits FLUX's single guidance-distilled batch; true CFG (true_cfg_scale > 1 "
+                                    "with a negative prompt) runs a second transformer call and is not supported")
+            return  # guidance-distilled: the guidance scale is an input, every image is edited
+        guidance = kwargs.get("guidance_scale", pipeline_default(self.pipe, "guidance_scale"))
+        if guidance <= 1:
+            raise GuidanceError(f"attnreg edits the conditional half of SD3's classifier-free guidance; "
+                                f"guidance_scale={guidance} gives no unconditional half. Use guidance_scale > 1.")
+        if kwargs.get("skip_guidance_layers"):
+            raise GuidanceError("SD3 skip-layer guidance runs extra transformer calls; not supported with attnreg")
+
+    def run(self, prompt, plan, **kwargs):
+        """Call the pipeline with the joint processors installed for `plan` (None: plain, observed)."""
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        transformer, state = self.pipe.transformer, self.state
+        originals = transformer.attn_processors
+        user_callback = kwargs.pop("callback_on_step_end", None)
+        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
+            kwargs.setdefault("callback_on_step_end_tensor_inputs", user_callback.tensor_inputs)
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            state.step = step + 1
+            return user_callback(pipe, step, timestep, callback_kwargs) if user_callback else {}
+
+        patch = transformer.config.patch_size
+
+        def remember_grid(module, args, kw):
+            # The image tokens' grid: SD3 patchifies a (B, C, H, W) latent; FLUX's packed tokens carry
+            # their (row, column) in img_ids.
+            if self.family == "sd3":
+                sample = args[0] if args else kw["hidden_states"]
+                state.latent_hw = (sample.shape[-2] // patch, sample.shape[-1] // patch)
+            else:
+                ids = kw["img_ids"]
+                state.latent_hw = (int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1)
+
+        joint = set(joint_attention_layers(transformer))
+        restore_sos = self.family == "sd3"
+        wrapped = {
+            key: JointRegulatedProcessor(name, proc, state, self.family, restore_sos)
+            if (name := key.removesuffix(".processor")) in self.layers or (state.observers and name in joint)
+            else proc
+            for key, proc in originals.items()
+        }
+        hook = transformer.register_forward_pre_hook(remember_grid, with_kwargs=True)
+        state.start(plan)
+        try:
+            transformer.set_attn_processor(wrapped)
+            return self.pipe(prompt=prompt, callback_on_step_end=on_step_end, **kwargs)
+        finally:
+            transformer.set_attn_processor(originals)
+            hook.remove()
+            state.stop()
