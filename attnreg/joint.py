@@ -98,6 +98,7 @@ def resolve_t5_targets(tokenizer, prompt: str, targets: list[str | int], length:
     full = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
     table = t5_table(tokenizer, prompt, length)
     found: list[int] = []
+    past: list[str] = []
     for target in targets:
         if isinstance(target, int):
             if not 0 <= target < len(table) - 1:
@@ -120,10 +121,13 @@ def resolve_t5_targets(tokenizer, prompt: str, targets: list[str | int], length:
             start = starts[occurrence - 1]
             indices = list(range(start, start + len(sub)))
             if indices[-1] >= length - 1:  # the last slot holds EOS after truncation
-                raise TargetError(
-                    f"target {target!r} is at T5 token {start} of {prompt!r}, past the {length}-token truncation "
-                    f"(max_sequence_length); the text encoder only sees: {format_tokens(table)}")
+                past.append(f"{target!r} (T5 token {start})")
+                continue
         found += [i for i in indices if i not in found]
+    if past:
+        raise TargetError(
+            f"target{'s' if len(past) > 1 else ''} {', '.join(past)} of {prompt!r} {'are' if len(past) > 1 else 'is'} past "
+            f"the {length}-token truncation (max_sequence_length); the text encoder only sees: {format_tokens(table)}")
     return found
 
 
