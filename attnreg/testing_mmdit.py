@@ -109,3 +109,31 @@ def tiny_sd3_pipeline(seed: int = 0, t5: bool = True, num_layers: int = 3):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, num_layers: int = 3, guidance_embeds: bool = True):
+    """FLUX-shaped: CLIP (pooled only) and T5 (the joint text stream), `num_layers` double-stream blocks and
+    one single-stream block, RoPE; guidance-distilled like FLUX dev (`guidance_embeds`; False: schnell-like).
+    At 64 x 64 px the latent is 32 x 32, packed 2 x 2 into a 16 x 16 = 256-token image stream."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=guidance_embeds,
+    ).eval()
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="gelu",
+    )).eval()
+    t5_tok = tiny_t5_tokenizer()
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed),
+        text_encoder=clip, tokenizer=load_clip_tokenizer(), text_encoder_2=_t5(32, len(t5_tok), seed + 2),
+        tokenizer_2=t5_tok,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -253,3 +253,87 @@ def test_a_transformer_without_a_text_stream_is_named():
     pipe = DiTPipeline(transformer=transformer, vae=_vae(0), scheduler=DDIMScheduler())
     with pytest.raises(UnsupportedPipelineError, match="got DiTPipeline: .*no text stream"):
         AttentionRegulator(pipe)
+
+
+# -- FLUX: guidance-distilled, T5 only, text first, RoPE ---------------------------------------------
+
+FLUX_PROMPT = "circle next to a blue square"  # a target at T5 token 0: column 0 is a word in FLUX
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from attnreg.testing_mmdit import tiny_flux_pipeline
+
+    return tiny_flux_pipeline()
+
+
+class ColumnMass:
+    """Mean attention of each target column in the (single, guidance-distilled) batch's image rows."""
+
+    def __init__(self, columns):
+        self.columns, self.values = columns, []
+
+    def wants(self, layer, step):
+        return True
+
+    def record(self, layer, step, probs, state):
+        if layer in state.edited_layers and step < 2:
+            self.values.append(probs[..., self.columns].mean(dim=(0, 1, 2)).tolist())
+
+
+def test_flux_edits_its_single_batch_and_every_target_column_rises(flux):
+    originals = processors(flux)
+    plain = images(flux, FLUX_PROMPT)
+    reg = AttentionRegulator(flux, RegulationConfig.from_preset("paper", edit_steps=2))
+    info = reg.resolve(FLUX_PROMPT, ["circle", "square"])
+    assert info["indices"] == info["stream_indices"] == [0, 5]  # FLUX's text stream is T5 alone, offset 0
+    before, after = ColumnMass(info["indices"]), ColumnMass(info["indices"])
+    with reg.observing(before):
+        np.testing.assert_array_equal(reg.run(FLUX_PROMPT, None, generator=gen(), output_type="np", **CALL).images, plain)
+    with reg.observing(after):
+        out = reg(FLUX_PROMPT, targets=["circle", "square"], generator=gen(), output_type="np", **CALL).images
+    assert np.abs(out - plain).max() > 1e-3
+    # Both targets, the one in column 0 too (restore_special must not put a T5 word back as if it were SOS).
+    assert len(after.values) == len(before.values) == 2 * len(reg.layers)
+    assert (np.mean(after.values, axis=0) > 2 * np.mean(before.values, axis=0)).all()
+    assert_untouched(flux, originals)
+    # No guidance batch to split: a guidance scale of 1 is a normal FLUX call, and one target edits nothing.
+    np.testing.assert_array_equal(images(AttentionRegulator(flux), FLUX_PROMPT, targets=["circle"], guidance_scale=1.0),
+                                  images(flux, FLUX_PROMPT, guidance_scale=1.0))
+
+
+def test_flux_explicit_path_mirrors_the_diffusers_processor(flux):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from attnreg.joint import _flux_streams
+
+    torch.manual_seed(0)
+    n_text, side = 7, 4
+    rows, cols = torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij")
+    grid = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)  # FLUX's img_ids: (0, row, column)
+    ids = torch.cat([torch.zeros(n_text, 3), grid])
+    rotary = flux.transformer.pos_embed(ids)
+    for name in joint_attention_layers(flux.transformer):
+        attn = flux.transformer.get_submodule(name)
+        assert isinstance(attn.processor, FluxAttnProcessor)
+        hidden, context = torch.randn(2, side * side, 32), torch.randn(2, n_text, 32)
+        want = attn.processor(attn, hidden, context, None, rotary)
+        query, key, value, n = _flux_streams(attn, hidden, context, rotary)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        edited = (q[:, :, n:] @ k.transpose(-1, -2) / 16**0.5).softmax(-1) @ v
+        got = JointRegulatedProcessor._flux_output(attn, query, key, value, n, [0, 1], edited)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_true_cfg_and_image_variants_are_refused(flux):
+    from diffusers import FluxFillPipeline, FluxKontextPipeline
+
+    reg = AttentionRegulator(flux)
+    with pytest.raises(GuidanceError, match="true CFG"):
+        images(reg, FLUX_PROMPT, targets=["circle"], true_cfg_scale=4.0, negative_prompt="a triangle")
+    with pytest.raises(ValueError, match="T5 tokens only"):
+        AttentionRegulator(flux, text_stream="clip")
+    for variant in (FluxKontextPipeline, FluxFillPipeline):
+        with pytest.raises(UnsupportedPipelineError, match=rf"FluxPipeline.*got {variant.__name__}: .*image-conditioned"):
+            AttentionRegulator(variant(**{k: v for k, v in flux.components.items() if v is not None}))
