@@ -127,6 +127,10 @@ def calibrate(
     from .geometry import cross_attention_layers
     from .regulator import AttentionRegulator
 
+    if getattr(pipe, "unet", None) is None:
+        # SD3/FLUX: not measured yet; their regulator uses the structural rule of joint.py.
+        raise CalibrationError(f"calibration reads a UNet's cross-attention layers; {type(pipe).__name__} has none "
+                               "(SD3 and FLUX use the middle third of their joint blocks, or --layers)")
     layers = cross_attention_layers(pipe.unet)
     if not layers:
         raise CalibrationError(f"{type(pipe.unet).__name__} has no cross-attention layer (attn2) to calibrate")

@@ -30,6 +30,7 @@ class RegulationConfig:
         None: the model's own choice (`attnreg.json` next to its weights) or else every block at the
         lowest cross-attention resolution except the mid block, i.e. `down_blocks.2` and
         `up_blocks.1` (16 x 16 at 512 px) on SD 1.x/2.x, `down_blocks.2` and `up_blocks.0` on SDXL.
+        On SD3 and FLUX: joint blocks ("transformer_blocks.8" or "8"); None: the middle third of them.
       edit_steps: edit the first `edit_steps` denoising steps; None: half of them (25 of 50).
     The maps (Sec. 4.2):
       bumps_per_side: the offsets are sums of bumps_per_side**2 Gaussian bumps (7 x 7 = 49).

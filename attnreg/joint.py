@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, RegulationConfig
 from .processor import RegulationState
-from .regulator import AttentionRegulator, GuidanceError, LayerError, pipeline_default
+from .regulator import AttentionRegulator, GuidanceError, LayerError, UnsupportedPipelineError, check_pipeline, pipeline_default
 from .regulation import regulate_step
 from .tokens import TargetError, Token, auto_targets, eos_index, format_tokens, resolve_targets, token_table
 
@@ -395,6 +395,9 @@ class JointAttentionRegulator(AttentionRegulator):
 
     def __init__(self, pipe, config: RegulationConfig | None = None, text_stream: str | None = None):
         self.family = joint_family(pipe)
+        if self.family is None:
+            check_pipeline(pipe)  # the error naming what is supported
+            raise UnsupportedPipelineError(f"{type(pipe).__name__} has no joint attention; use AttentionRegulator")
         self.pipe = pipe
         self.config = config or RegulationConfig.from_preset("auto")
         if self.config.binding > 0:

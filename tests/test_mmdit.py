@@ -337,3 +337,10 @@ def test_flux_true_cfg_and_image_variants_are_refused(flux):
     for variant in (FluxKontextPipeline, FluxFillPipeline):
         with pytest.raises(UnsupportedPipelineError, match=rf"FluxPipeline.*got {variant.__name__}: .*image-conditioned"):
             AttentionRegulator(variant(**{k: v for k, v in flux.components.items() if v is not None}))
+
+
+def test_calibration_names_the_mmdit_rule(sd3):
+    from attnreg.calibrate import CalibrationError, calibrate
+
+    with pytest.raises(CalibrationError, match="StableDiffusion3Pipeline has none.*middle third"):
+        calibrate(sd3)
