@@ -300,7 +300,8 @@ class JointRegulatedProcessor:
             image_q = query[:, n_text:].transpose(1, 2)
             keys, values = key.transpose(1, 2), value.transpose(1, 2)  # (B, H, S, D), already text first
         batch, heads, n_image, head_dim = image_q.shape
-        rows = list(range(batch)) if observers else self._cond_rows(batch)
+        edited_rows = self._cond_rows(batch) if edit else []  # checks the batch is the plan's
+        rows = list(range(batch)) if observers else edited_rows
         # Logits in fp32 whatever the pipeline's dtype; the scale is SDPA's default, as both processors use.
         scores = torch.matmul(image_q[rows].float(), keys[rows].float().transpose(-1, -2)) / math.sqrt(head_dim)
         probs = scores.softmax(dim=-1)  # (rows, H, image tokens, text + image tokens)
@@ -320,7 +321,7 @@ class JointRegulatedProcessor:
         n = self.state.plan.n_images
         guided = self.family == "sd3"
         if batch != (2 * n if guided else n):
-            what = "a guidance batch of {} (unconditional + conditional)".format(2 * n) if guided else f"a batch of {n}"
+            what = f"a guidance batch of {2 * n} (unconditional + conditional)" if guided else f"a batch of {n}"
             raise RuntimeError(f"attnreg expected {what}, got {batch}")
         return list(range(n, 2 * n)) if guided else list(range(n))
 
