@@ -158,9 +158,9 @@ class RegulatedAttnProcessor:
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
+        key = attn.to_k(context)
         heads, head_dim = attn.heads, key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        query, key = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in (query, key))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -185,6 +185,8 @@ class RegulatedAttnProcessor:
         if probs_only:
             return None
 
+        # The values only now: a call the neglect test hands back to the layer's own processor never needs them.
+        value = attn.to_v(context).view(batch, -1, heads, head_dim).transpose(1, 2)
         hidden_states = torch.matmul(probs.to(value.dtype), value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

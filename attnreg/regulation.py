@@ -498,37 +498,40 @@ class RegulatedStep:
     loss: torch.Tensor
 
 
+def images_to_edit(unedited, heads: int, n_nouns: int, pairs, config):
+    """The neglect test of one group: (images,) bool, or None when every image is edited (the `paper`
+    loss, or no `neglect_ratio`). `unedited`: the targets' unedited maps (B, P, n)."""
+    if config.loss != "relative" or config.neglect_ratio is None:
+        return None
+    per_image = unedited.reshape(-1, heads, *unedited.shape[1:])
+    edit_images = neglected(per_image[..., :n_nouns], config.quantile, config.neglect_ratio)
+    if pairs and config.binding > 0:
+        edit_images = edit_images | leaking(per_image, pairs, n_nouns)
+    return edit_images
+
+
 def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_nouns: int, pairs, config):
-    """The bump weights for one group: (SolverResult, which images to edit); `edit_images` is None when
-    every image is edited, and the answer is (None, None) when no image needs it at this step.
-    `config` is a RegulationConfig (its loss, solver and neglect fields)."""
+    """The bump weights for one group (a SolverResult). `config` is a RegulationConfig (its loss and
+    solver fields)."""
     if config.loss != "relative":
         return optimise_offsets(
             target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights,
             images=target_logits.shape[0] // heads,
-        ), None
-    edit_images = None
-    if config.neglect_ratio is not None:
-        per_image = unedited.reshape(-1, heads, *unedited.shape[1:])
-        edit_images = neglected(per_image[..., :n_nouns], config.quantile, config.neglect_ratio)
-        if pairs and config.binding > 0:
-            edit_images = edit_images | leaking(per_image, pairs, n_nouns)
-        if not edit_images.any():
-            return None, None
+        )
     ref_high, ref_mean = reference_levels(unedited[..., :n_nouns], config.quantile)
     if pairs and config.binding > 0:
         return optimise_rows_bound(
             target_logits, rest_lse, bases, init, ref_high, ref_mean, pairs, n_nouns, config.binding,
             config.iterations, config.lr, config.loss_weights,
-        ), edit_images
+        )
     if getattr(config, "fast", False):
         return fast_optimise_rows(
             target_logits, rest_lse, bases, init, ref_high, ref_mean, fast_step_sizes(config.iterations, config.lr),
             config.loss_weights,
-        ), edit_images
+        )
     return optimise_rows(
         target_logits, rest_lse, bases, init, ref_high, ref_mean, config.iterations, config.lr, config.loss_weights,
-    ), edit_images
+    )
 
 
 def regulate_step(
@@ -557,13 +560,14 @@ def regulate_step(
     """
     n_nouns = len(targets) if n_nouns is None else n_nouns
     t = torch.tensor(targets, device=scores.device)
+    unedited = probs[..., t] if config.loss == "relative" else None  # the relative loss's reference
+    edit_images = images_to_edit(unedited, heads, n_nouns, pairs, config)
+    if edit_images is not None and not edit_images.any():
+        return None  # tested before anything else is computed: most calls of a level prompt end here
     keep = torch.ones(scores.shape[-1], dtype=torch.bool, device=scores.device)
     keep[t] = False
     target_logits, rest_lse = scores[..., t], torch.logsumexp(scores[..., keep], dim=-1, keepdim=True)
-    unedited = probs[..., t] if config.loss == "relative" else None  # the relative loss's reference
-    result, edit_images = solve_weights(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs, config)
-    if result is None:
-        return None
+    result = solve_weights(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs, config)
     if previous is None or previous.shape != init.shape:
         previous = init  # at the first edited step "previous" is the initial weights
     applied = smoothed_weights(previous, result.weights, step, config.smoothing, config.decay)
