@@ -114,12 +114,36 @@ class RegulatedAttnProcessor:
                 # and an explicit softmax differ in the last bits); the probabilities are made on the side.
                 self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, False, observers, True)
             return output
+        if state.config.fast and not observers:
+            return self._conditional_only(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         output = self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, edit, observers)
         if output is UNCHANGED:
             output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         return output
 
-    def _explicit(self, attn, hidden_states, context, attention_mask, temb, edit, observers, probs_only=False):
+    def _conditional_only(self, attn, hidden_states, context, attention_mask, temb, **kwargs):
+        """An edited call of the fast path: only the conditional half (the second) is computed explicitly;
+        the unconditional half, which regulation never changes, goes through the layer's own processor."""
+        n = self.state.plan.n_images
+        if hidden_states.shape[0] != 2 * n:
+            raise RuntimeError(
+                f"attnreg expected a guidance batch of {2 * n} (unconditional + conditional), got {hidden_states.shape[0]}"
+            )
+
+        def half(x, part):  # a per-image tensor's rows of one half; anything else as it is
+            return x[part] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 2 * n else x
+
+        cond, uncond = slice(n, None), slice(None, n)
+        output = self._explicit(attn, hidden_states[cond], context[cond], half(attention_mask, cond), half(temb, cond),
+                                True, [], conditional=True)
+        if output is UNCHANGED:  # the whole batch through the layer's own processor: bit for bit the plain call
+            return self.original(attn, hidden_states, context, attention_mask, temb, **kwargs)
+        rest = self.original(attn, hidden_states[uncond], context[uncond], half(attention_mask, uncond),
+                             half(temb, uncond), **kwargs)
+        return torch.cat([rest, output])  # the guidance batch's order: unconditional, then conditional
+
+    def _explicit(self, attn, hidden_states, context, attention_mask, temb, edit, observers, probs_only=False,
+                  conditional=False):
         # Mirrors diffusers' AttnProcessor2_0, with the softmax done by hand.
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -134,9 +158,9 @@ class RegulatedAttnProcessor:
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
+        key = attn.to_k(context)
         heads, head_dim = attn.heads, key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        query, key = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in (query, key))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -149,7 +173,7 @@ class RegulatedAttnProcessor:
             scores = scores + mask.view(batch, heads, -1, mask.shape[-1]).float()
         probs = scores.softmax(dim=-1)
         if edit:
-            probs, changed = self._regulate(scores, probs, n_pixels)
+            probs, changed = self._regulate(scores, probs, n_pixels, conditional)
             if not changed and not probs_only:
                 # Nothing needed regulation in this call: the layer's own processor gives the output, so a
                 # call in which no image is ever neglected is bit for bit the plain pipeline's.
@@ -161,6 +185,8 @@ class RegulatedAttnProcessor:
         if probs_only:
             return None
 
+        # The values only now: a call the neglect test hands back to the layer's own processor never needs them.
+        value = attn.to_v(context).view(batch, -1, heads, head_dim).transpose(1, 2)
         hidden_states = torch.matmul(probs.to(value.dtype), value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -170,20 +196,22 @@ class RegulatedAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _regulate(self, scores: torch.Tensor, probs: torch.Tensor, n_pixels: int) -> tuple[torch.Tensor, bool]:
+    def _regulate(self, scores: torch.Tensor, probs: torch.Tensor, n_pixels: int,
+                  conditional: bool = False) -> tuple[torch.Tensor, bool]:
         """The conditional half's probabilities after regulation (regulation.regulate_step per group of
-        images sharing their targets), and whether any image was changed."""
+        images sharing their targets), and whether any image was changed. `conditional`: the tensors hold
+        only the conditional half."""
         state, plan = self.state, self.state.plan
         batch, heads = scores.shape[:2]
         n = plan.n_images
-        if batch != 2 * n:
+        if batch != (n if conditional else 2 * n):
             raise RuntimeError(
                 f"attnreg expected a guidance batch of {2 * n} (unconditional + conditional), got {batch}"
             )
         bases = state.bases(state.map_shape(n_pixels), scores.device)
         probs, changed = probs.clone(), False
         for (targets, n_nouns, pairs), images in plan.groups().items():
-            rows = [n + i for i in images]  # the conditional half comes second
+            rows = [i if conditional else n + i for i in images]  # the conditional half comes second
             init = state.initial_weights(images, (heads, bases.shape[0], len(targets))).to(scores.device)
             key = (self.name, targets)
             eos = torch.tensor([plan.image_eos[i] for i in images], device=scores.device).repeat_interleave(heads)

@@ -1,15 +1,29 @@
-"""Overhead of Attention Regulation against the plain pipeline, measured in the same run.
+"""Overhead of Attention Regulation against the plain pipeline, every method measured in the same run.
 
-An SD 1.5-shaped pipeline (the real UNet and CLIP ViT-L text-encoder configs, random weights: no
-download needed, and speed does not depend on the weights) at 512 x 512 with guidance 7.5, N steps
-with the first half edited on the paper's layers. Prints seconds per image (median of repeats) for
-both, their ratio, peak memory, and the ATen operator calls that regulation adds per image: a
-device-independent proxy for GPU kernel launches, which is what made the release cost 48.8 %.
+Two models:
+  --model sd15 (default): an SD 1.5-shaped pipeline (the real UNet and CLIP ViT-L text-encoder configs,
+    random weights: no download needed, and speed does not depend on the weights), guidance 7.5, the first
+    half of the steps edited on the structural layers (`down_blocks.2`, `up_blocks.1`: 16 x 16 maps at
+    512 px) for every preset: the `auto` preset's calibration would take hours on a CPU and means nothing
+    on random weights. Random weights never neglect a target, so `auto`'s gate hands every call back to
+    SDPA; the `-every` rows switch the gate off (neglect_ratio=None) to show the cost of a call that is
+    edited, the worst case.
+  --model embedded: the embedded shapes model (attnreg.toy), 50 steps at 64 x 64, 2 two-object and 2
+    three-object prompts, the calibrated layer: issue 12's first row.
 
-    python benchmarks/overhead.py                                  # CPU: 4 steps, 3 repeats
+Methods: sd; auto (the default, fast path on); auto-exact (fast=False, issue 9's solver); paper; and on
+request auto-every / auto-exact-every. They are timed in turn within each repeat (drift hits all alike);
+seconds per image are medians over repeats. Then, per method, the ATen operator calls that compute (each at
+least one kernel launch on a GPU; views apart) per image, with the extra over sd extrapolated to 50 steps
+(the extra is per edited layer call, so it scales with the edited steps), and the peak RSS of a fresh
+process that builds the pipeline and makes one image with that method (ru_maxrss; on CUDA, the peak of
+allocated memory in this process).
+
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --model embedded --repeats 5
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --steps 4 --size 256 --repeats 5
     python benchmarks/overhead.py --device cuda --dtype float16 --steps 50 --repeats 5
 
-The VAE decode is skipped (output_type="latent"): it is the same for both and not what we measure.
+The VAE decode is skipped (output_type="latent"): it is the same for all and not what we measure.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ import argparse
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -29,6 +44,7 @@ from attnreg import AttentionRegulator, RegulationConfig
 from attnreg.tokenizer import load_clip_tokenizer
 
 PROMPT, TARGETS = "a painting of an elephant with glasses", ["elephant", "glasses"]
+METHODS = ("sd", "auto", "auto-exact", "paper", "auto-every", "auto-exact-every")
 
 
 def sd15_pipeline(device: str, dtype: torch.dtype):
@@ -89,68 +105,139 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
+def embedded_pipeline(device: str, dtype: torch.dtype):
+    from attnreg.toy import load_pipeline
+
+    pipe = load_pipeline(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def embedded_prompts() -> list[tuple[str, list[str]]]:
+    """Two two-object and two three-object prompts of the benchmark, with their shapes as targets."""
+    from attnreg.toy.prompts import shapes_prompts
+    from attnreg.toy.world import SHAPES
+
+    prompts = shapes_prompts(2, 2) + shapes_prompts(3, 2)
+    return [(p, [w.strip(",") for w in p.split() if w.strip(",") in SHAPES]) for p in prompts]
+
+
+def config_of(method: str, layers) -> RegulationConfig:
+    preset = "paper" if method == "paper" else "auto"
+    overrides = {} if layers is None else {"layers": layers}
+    if method.startswith("auto-exact"):
+        overrides["fast"] = False
+    if method.endswith("-every"):
+        overrides["neglect_ratio"] = None  # every call edited
+    return RegulationConfig.from_preset(preset, **overrides)
+
+
+def build(args):
+    """(pipeline, {method: one image's call}, edited layers per call, description)."""
+    dtype = getattr(torch, args.dtype)
+    if args.model == "embedded":
+        pipe, work, layers = embedded_pipeline(args.device, dtype), embedded_prompts(), None
+        what = f"embedded shapes model, {len(work)} prompts (2 and 3 objects) per repeat"
+    else:
+        from attnreg.regulator import default_layers
+
+        pipe, work = sd15_pipeline(args.device, dtype), [(PROMPT, TARGETS)]
+        layers = default_layers(pipe.unet)
+        what = "SD 1.5-shaped UNet (random weights), layers " + ", ".join(layers) + " for every preset"
+    call = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size, output_type="latent")
+    methods, n_layers = {}, {}
+    for name in args.methods:
+        if name == "sd":
+            methods[name] = lambda: [pipe(p, generator=torch.Generator("cpu").manual_seed(0), **call) for p, _ in work]
+            continue
+        reg = AttentionRegulator(pipe, config_of(name, layers))
+        n_layers[name] = len(reg.layers)
+        methods[name] = lambda reg=reg: [reg(p, targets=t, generator=torch.Generator("cpu").manual_seed(0), **call)
+                                         for p, t in work]
+    return pipe, methods, n_layers, what, len(work)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="sd15", choices=["sd15", "embedded"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--preset", default="paper")
-    p.add_argument("--no-count", action="store_true", help="skip the operator count (slow on CPU)")
-    p.add_argument("--no-time", action="store_true", help="only count operators (no warm-up, no timed runs)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 for sd15, 50 for embedded)")
+    p.add_argument("--size", type=int, default=None, help="image size (default: 512 for sd15, 64 for embedded)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: sd,auto,auto-exact,paper; sd15 adds the -every rows)")
+    p.add_argument("--no-count", action="store_true", help="skip the operator count")
+    p.add_argument("--no-time", action="store_true", help="no timed runs")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one method's peak RSS, printed
     args = p.parse_args(argv)
+    args.steps = args.steps or (50 if args.model == "embedded" else 4)
+    args.size = args.size or (64 if args.model == "embedded" else 512)
+    default = ["sd", "auto", "auto-exact", "paper"] + (["auto-every", "auto-exact-every"] if args.model == "sd15" else [])
+    args.methods = [m.strip() for m in args.methods.split(",")] if args.methods else default
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or "sd" not in args.methods:
+        p.error(f"--methods: unknown {bad}" if bad else "--methods must include sd (the baseline)")
+    if args.peak_of:
+        args.methods = ["sd", args.peak_of] if args.peak_of != "sd" else ["sd"]
+        _, methods, *_ = build(args)
+        methods[args.peak_of]()
+        print(f"PEAK {peak_memory_mb(args.device):.1f}")
+        return 0
 
-    dtype = getattr(torch, args.dtype)
-    pipe = sd15_pipeline(args.device, dtype)
-    reg = AttentionRegulator(pipe, RegulationConfig.from_preset(args.preset))
-    call = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size, output_type="latent")
-    methods = {
-        "sd": lambda g: pipe(PROMPT, generator=g, **call),
-        "attnreg": lambda g: reg(PROMPT, targets=TARGETS, generator=g, **call),
-    }
-
+    _, methods, n_layers, what, per_repeat = build(args)
     times = {m: [] for m in methods}
-    memory = {}
     if not args.no_time:
-        methods["sd"](torch.Generator("cpu").manual_seed(0))  # warm-up (allocations, kernels)
-        methods["attnreg"](torch.Generator("cpu").manual_seed(0))
-    for _ in range(0 if args.no_time else args.repeats):  # interleaved, so drift hits both alike
-        for name, run in methods.items():
-            if args.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            sync(args.device)
-            start = time.perf_counter()
-            run(torch.Generator("cpu").manual_seed(0))
-            sync(args.device)
-            times[name].append(time.perf_counter() - start)
-            memory[name] = peak_memory_mb(args.device)
+        for run in methods.values():
+            run()  # warm-up (allocations, kernels)
+        for _ in range(args.repeats):  # interleaved, so drift hits every method alike
+            for name, run in methods.items():
+                sync(args.device)
+                start = time.perf_counter()
+                run()
+                sync(args.device)
+                times[name].append((time.perf_counter() - start) / per_repeat)
 
     ops, views = {}, {}
     if not args.no_count:
         for name, run in methods.items():
             with OpCounter() as counter:
-                run(torch.Generator("cpu").manual_seed(0))
-            ops[name], views[name] = sum(counter.counts.values()), sum(counter.views.values())
+                run()
+            ops[name] = sum(counter.counts.values()) / per_repeat
+            views[name] = sum(counter.views.values()) / per_repeat
+
+    memory = {}
+    if not args.no_memory and not args.device.startswith("cuda"):
+        for name in methods:  # a fresh process each: ru_maxrss is a process's peak, it never goes down
+            cmd = [sys.executable, __file__, "--peak-of", name, "--model", args.model, "--device", args.device,
+                   "--dtype", args.dtype, "--steps", str(args.steps), "--size", str(args.size)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            memory[name] = float(done.stdout.strip().splitlines()[-1].split()[1])
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
-    fmt = lambda x: f"{x:.3f}" if x is not None else "-"  # noqa: E731
+    edit_steps = args.steps // 2
+    scale = 25 / edit_steps if edit_steps else float("nan")  # extra ops are per edited layer call
+    fmt = lambda x, f="{:.3f}": f.format(x) if x is not None else "-"  # noqa: E731
     med = {m: statistics.median(t) if t else None for m, t in times.items()}
-    print(f"# overhead: SD 1.5-shaped UNet, {args.size}x{args.size}, {args.steps} steps ({args.steps // 2} edited, "
-          f"{len(reg.layers)} layers), guidance 7.5, {args.dtype}, {args.device} ({device_name}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {0 if args.no_time else args.repeats}")
-    print("| method | s / image (median) | min | max | ratio vs sd | peak memory MB | ATen compute ops / image | extra ops |")
-    print("|---|---|---|---|---|---|---|---|")
+    layer_note = ", ".join(f"{m} {k}" for m, k in n_layers.items())
+    print(f"# overhead: {what}, {args.size}x{args.size}, {args.steps} steps ({edit_steps} edited; layers: {layer_note}), "
+          f"guidance 7.5, {args.dtype}, {args.device} ({device_name}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {0 if args.no_time else args.repeats}")
+    print("| method | s / image (median) | min | max | ratio vs sd | peak RSS MB (own process) | vs sd "
+          "| ATen compute ops / image | extra | extra at 50 steps | extra per edited layer call |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in methods:
         t = times[name]
         ratio = med[name] / med["sd"] if t else None
-        extra = ops[name] - ops["sd"] if ops else "-"
-        print(f"| {name} | {fmt(med[name])} | {fmt(min(t) if t else None)} | {fmt(max(t) if t else None)} | {fmt(ratio)} | "
-              f"{memory.get(name, float('nan')):.0f} | {ops.get(name, '-')} | {extra} |")
+        extra = ops[name] - ops["sd"] if ops else None
+        mem = memory.get(name)
+        print(f"| {name} | {fmt(med[name])} | {fmt(min(t) if t else None)} | {fmt(max(t) if t else None)} | {fmt(ratio)} "
+              f"| {fmt(mem, '{:.0f}')} | {fmt(mem / memory['sd'] if mem else None)} | {fmt(ops.get(name), '{:,.0f}')} "
+              f"| {fmt(extra, '{:,.0f}')} | {fmt(extra * scale if extra is not None else None, '{:,.0f}')} "
+              f"| {fmt(extra / (edit_steps * n_layers[name]) if extra is not None and edit_steps and name in n_layers else None, '{:.0f}')} |")
     if ops:
-        edited_calls = (args.steps // 2) * len(reg.layers)
-        print(f"extra ATen compute ops per edited layer call: {(ops['attnreg'] - ops['sd']) / edited_calls:.0f} "
-              f"(views, not counted: sd {views['sd']}, attnreg {views['attnreg']} per image)")
+        print("views, not counted: " + ", ".join(f"{m} {v:,.0f}" for m, v in views.items()) + " per image")
     return 0
 
 
