@@ -19,9 +19,11 @@ bench() {
   "$(dirname "$PY")/torchrun" --standalone --nproc_per_node 2 -m attnreg.cli bench --dataset shapes --limit 30 \
     --steps 50 --guidance 7.5 --out "$OUT" --warmup --no-progress --metrics none --no-report "$@"
 }
-bench --methods sd,attnreg --seeds 0-15
-bench --methods sd,attnreg --seeds 16-31
-bench --methods attnreg-bind --seeds 0-15
+# Measured before issue 12's fast path became the auto preset's default: the exact solver (fast=false) keeps
+# these rows' configuration, file names and images.
+bench --methods sd,attnreg --seeds 0-15 --set attnreg.fast=false
+bench --methods sd,attnreg --seeds 16-31 --set attnreg.fast=false
+bench --methods attnreg-bind --seeds 0-15 --set attnreg-bind.fast=false
 bench --methods attnreg-paper --seeds 0-15
 bench --methods attnreg-paper --seeds 0-15 --set "attnreg-paper.layers=$EIGHT"
 bench --methods attend-and-excite --seeds 0-15 --set "attend-and-excite.layers=$EIGHT"

@@ -55,6 +55,10 @@ def test_generate_defaults_to_the_auto_preset(tiny_model, tmp_path, capsys):
     assert main(["generate", "a cat and a dog", "--model", tiny_model, "--steps", "2", "--out", str(tmp_path)]) == 0
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert record["config"]["preset"] == "auto" and record["config"]["loss"] == "relative"
+    assert record["config"]["fast"] is True
+    exact = tmp_path / "exact"
+    assert main(["generate", "a cat and a dog", "--model", tiny_model, "--steps", "2", "--exact", "--out", str(exact)]) == 0
+    assert "fast" not in json.loads(next(exact.glob("*.json")).read_text())["config"]  # the exact solver's config
 
 
 def test_generate_bad_target_is_a_clear_error(tiny_model, tmp_path, capsys):
