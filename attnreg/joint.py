@@ -475,18 +475,7 @@ class JointAttentionRegulator(AttentionRegulator):
 
     def run(self, prompt, plan, **kwargs):
         """Call the pipeline with the joint processors installed for `plan` (None: plain, observed)."""
-        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-
         transformer, state = self.pipe.transformer, self.state
-        originals = transformer.attn_processors
-        user_callback = kwargs.pop("callback_on_step_end", None)
-        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
-            kwargs.setdefault("callback_on_step_end_tensor_inputs", user_callback.tensor_inputs)
-
-        def on_step_end(pipe, step, timestep, callback_kwargs):
-            state.step = step + 1
-            return user_callback(pipe, step, timestep, callback_kwargs) if user_callback else {}
-
         patch = transformer.config.patch_size
 
         def remember_grid(module, args, kw):
@@ -505,14 +494,6 @@ class JointAttentionRegulator(AttentionRegulator):
             key: JointRegulatedProcessor(name, proc, state, self.family, restore_sos)
             if (name := key.removesuffix(".processor")) in self.layers or (state.observers and name in joint)
             else proc
-            for key, proc in originals.items()
+            for key, proc in transformer.attn_processors.items()
         }
-        hook = transformer.register_forward_pre_hook(remember_grid, with_kwargs=True)
-        state.start(plan)
-        try:
-            transformer.set_attn_processor(wrapped)
-            return self.pipe(prompt=prompt, callback_on_step_end=on_step_end, **kwargs)
-        finally:
-            transformer.set_attn_processor(originals)
-            hook.remove()
-            state.stop()
+        return self._call_with(transformer, wrapped, remember_grid, prompt, plan, kwargs)

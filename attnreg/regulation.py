@@ -343,21 +343,9 @@ def fast_step_sizes(iterations: int, lr: float) -> tuple[float, ...]:
     return tuple(lr * iterations * s / total for s in FAST_STEP_SHARES)
 
 
-def fast_optimise_rows(
-    target_logits: torch.Tensor,
-    rest_lse: torch.Tensor,
-    bases: torch.Tensor,
-    init_weights: torch.Tensor,
-    ref_high: torch.Tensor,
-    ref_mean: torch.Tensor,
-    steps: tuple[float, ...],
-    loss: RelativeLoss = RelativeLoss(),
-) -> SolverResult:
-    """`optimise_rows` with the step sizes `steps` (see `fast_step_sizes`), in about half the tensor
-    operations per step: the same loss and gradient (`relative_loss_and_grad`, tested equal), with the
-    softmax shifted once by the unedited log-sum-exp, the quantile's interpolation one `lerp`, the two
-    levels handled as one (B, 2, n) tensor and the gradient step fused into one `baddbmm`. Keeps each row's
-    best iterate; no host sync."""
+def _fast_constants(target_logits, rest_lse, bases, ref_high, ref_mean, loss: RelativeLoss) -> tuple:
+    """What `fast_optimise_rows` computes once per call: the unedited targets' log-probabilities, the other
+    columns' share, the bases as batched views, the reference levels and the loss's coefficients."""
     b, pixels, n = target_logits.shape
     k = bases.shape[0]
     tl, rl = target_logits.float(), rest_lse.float()
@@ -377,7 +365,27 @@ def fast_optimise_rows(
     top = pixels - lo  # the quantile's two order statistics are the last two of the top `top`
     # where the quantile's gradient goes: (1 - frac) to the lower order statistic, frac to the upper one
     split = torch.tensor([frac, 1 - frac], device=tl.device)[:, None] if frac > 0 else None
+    return shifted, rest, basis_t, basis, log_ref, value_coef, grad_coef, reg, top, frac, split
 
+
+def fast_optimise_rows(
+    target_logits: torch.Tensor,
+    rest_lse: torch.Tensor,
+    bases: torch.Tensor,
+    init_weights: torch.Tensor,
+    ref_high: torch.Tensor,
+    ref_mean: torch.Tensor,
+    steps: tuple[float, ...],
+    loss: RelativeLoss = RelativeLoss(),
+) -> SolverResult:
+    """`optimise_rows` with the step sizes `steps` (see `fast_step_sizes`), in about half the tensor
+    operations per step: the same loss and gradient (`relative_loss_and_grad`, tested equal), with the
+    softmax shifted once by the unedited log-sum-exp, the quantile's interpolation one `lerp`, the two
+    levels handled as one (B, 2, n) tensor and the gradient step fused into one `baddbmm`. Keeps each row's
+    best iterate; no host sync."""
+    b, pixels, n = target_logits.shape
+    shifted, rest, basis_t, basis, log_ref, value_coef, grad_coef, reg, top, frac, split = _fast_constants(
+        target_logits, rest_lse, bases, ref_high, ref_mean, loss)
     w = init_weights.detach().float()
     best_w = best_loss = first_loss = None
     for i in range(len(steps) + 1):

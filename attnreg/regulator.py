@@ -277,17 +277,7 @@ class AttentionRegulator:
     def run(self, prompt, plan: CallPlan | None, **kwargs):
         """Call the pipeline with the processors installed for `plan` (None: a plain call, seen by the
         observers only)."""
-        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-
-        unet, state = self.pipe.unet, self.state
-        originals = unet.attn_processors
-        user_callback = kwargs.pop("callback_on_step_end", None)
-        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
-            kwargs.setdefault("callback_on_step_end_tensor_inputs", user_callback.tensor_inputs)
-
-        def on_step_end(pipe, step, timestep, callback_kwargs):
-            state.step = step + 1
-            return user_callback(pipe, step, timestep, callback_kwargs) if user_callback else {}
+        state = self.state
 
         def remember_latent(module, args, kw):
             sample = args[0] if args else kw["sample"]
@@ -297,15 +287,32 @@ class AttentionRegulator:
             key: RegulatedAttnProcessor(key.removesuffix(".processor"), proc, state)
             if key.removesuffix(".processor") in self.layers or state.observers
             else proc
-            for key, proc in originals.items()
+            for key, proc in self.pipe.unet.attn_processors.items()
         }
-        hook = unet.register_forward_pre_hook(remember_latent, with_kwargs=True)
+        return self._call_with(self.pipe.unet, wrapped, remember_latent, prompt, plan, kwargs)
+
+    def _call_with(self, model, wrapped: dict, pre_hook, prompt, plan, kwargs):
+        """The pipeline call with `wrapped` as `model`'s processors and `pre_hook` before its forward; the
+        step counted at each step's end (the user's own callback still runs), and the original processors
+        (the same objects) back however the call ends."""
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        state, originals = self.state, model.attn_processors
+        user_callback = kwargs.pop("callback_on_step_end", None)
+        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
+            kwargs.setdefault("callback_on_step_end_tensor_inputs", user_callback.tensor_inputs)
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            state.step = step + 1
+            return user_callback(pipe, step, timestep, callback_kwargs) if user_callback else {}
+
+        hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
         state.start(plan)
         try:
-            unet.set_attn_processor(wrapped)
+            model.set_attn_processor(wrapped)
             return self.pipe(prompt=prompt, callback_on_step_end=on_step_end, **kwargs)
         finally:
-            unet.set_attn_processor(originals)
+            model.set_attn_processor(originals)
             hook.remove()
             state.stop()
 
