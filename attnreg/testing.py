@@ -80,3 +80,21 @@ def tiny_sdxl_pipeline(seed: int = 0):
         tokenizer=load_clip_tokenizer(), tokenizer_2=load_clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
         image_encoder=None, feature_extractor=None,
     ))
+
+
+class TargetMass:
+    """An observer for tests: at each edited layer call of the first `steps` steps, the mean attention of
+    the token `columns` over the conditional half of the guidance batch (`guided`) or the whole batch;
+    one number, or one per column with `per_column`."""
+
+    def __init__(self, columns, steps: int, guided: bool = True, per_column: bool = False):
+        self.columns, self.steps, self.guided, self.per_column = list(columns), steps, guided, per_column
+        self.values = []
+
+    def wants(self, layer, step):
+        return True
+
+    def record(self, layer, step, probs, state):
+        if layer in state.edited_layers and step < self.steps:
+            maps = (probs[probs.shape[0] // 2 :] if self.guided else probs)[..., self.columns]
+            self.values.append(maps.mean(dim=(0, 1, 2)).tolist() if self.per_column else maps.mean().item())

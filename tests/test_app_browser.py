@@ -208,15 +208,27 @@ def test_two_tabs_at_once_get_their_own_images(server, browser):
     assert np.abs(pixels(shown[0]["regulated"]) - pixels(shown[1]["regulated"])).max() > 50
 
 
+def start_long_run(page):
+    """The demo prompt at 200 steps x 4 images (1,600 UNet steps: over a minute on one core), running."""
+    type_prompt(page, "a red circle and a blue square")
+    set_number(page, "steps", 200)
+    set_number(page, "n-images", 4)
+    page.locator("#run").click()
+    page.wait_for_function("() => /step \\d+ of 1600/.test(document.body.innerText)", timeout=WAIT_MS)
+
+
+def short_run(page):
+    """The same prompt again at the test's few steps and one image, run to the end."""
+    set_number(page, "steps", STEPS)
+    set_number(page, "n-images", 1)
+    page.locator("#run").click()
+    wait_done(page, "a red circle and a blue square")
+
+
 def test_stop_leaves_the_app_usable(server, browser):
     url, _ = server
     page = open_page(browser, url)
-    type_prompt(page, "a red circle and a blue square")
-    set_number(page, "steps", 200)
-    set_number(page, "n-images", 4)  # 1,600 UNet steps: over a minute on one core
-    page.locator("#run").click()
-    started = "() => /step \\d+ of 1600/.test(document.body.innerText)"
-    page.wait_for_function(started, timeout=WAIT_MS)
+    start_long_run(page)
 
     def step_now():
         import re
@@ -232,10 +244,7 @@ def test_stop_leaves_the_app_usable(server, browser):
     page.locator("#stop").click()
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Stopped')", timeout=WAIT_MS)
     # a short run right after: it waits for the stopped job to end, which is at its next step
-    set_number(page, "steps", STEPS)
-    set_number(page, "n-images", 1)
-    page.locator("#run").click()
-    wait_done(page, "a red circle and a blue square")
+    short_run(page)
     assert time.time() - start < remaining / 2, (time.time() - start, remaining)
     page.locator("#regulated-0 img").wait_for(state="visible", timeout=WAIT_MS)  # rendered just after the status
 
@@ -243,12 +252,8 @@ def test_stop_leaves_the_app_usable(server, browser):
 def test_stop_in_a_waiting_tab_takes_its_job_off_the_queue(server, browser):
     url, _ = server
     busy, waiting = open_page(browser, url), open_page(browser, url)
-    type_prompt(busy, "a red circle and a blue square")
     type_prompt(waiting, "a green triangle")
-    set_number(busy, "steps", 200)
-    set_number(busy, "n-images", 4)
-    busy.locator("#run").click()
-    busy.wait_for_function("() => /step \\d+ of 1600/.test(document.body.innerText)", timeout=WAIT_MS)
+    start_long_run(busy)
     waiting.locator("#run").click()
     waiting.wait_for_function("() => /queue/i.test(document.querySelector('#status').innerText)", timeout=WAIT_MS)
     waiting.locator("#stop").click()
@@ -257,9 +262,6 @@ def test_stop_in_a_waiting_tab_takes_its_job_off_the_queue(server, browser):
     busy.locator("#stop").click()
     busy.wait_for_function("() => document.querySelector('#status').innerText.includes('Stopped')", timeout=WAIT_MS)
     # the busy tab runs again at once; the waiting tab's job never ran
-    set_number(busy, "steps", STEPS)
-    set_number(busy, "n-images", 1)
-    busy.locator("#run").click()
-    wait_done(busy, "a red circle and a blue square")
+    short_run(busy)
     assert "Done:" not in waiting.locator("#status").inner_text()
     assert not waiting.locator("#results").is_visible()

@@ -15,6 +15,7 @@ from attnreg import (
     UnsupportedPipelineError,
 )
 from attnreg.joint import CLIP_LENGTH, JointAttentionRegulator, JointRegulatedProcessor, joint_attention_layers
+from attnreg.testing import TargetMass
 from attnreg.testing_mmdit import tiny_sd3_pipeline
 
 PROMPT = "a red circle and a blue square"
@@ -53,21 +54,6 @@ def processors(pipe):
 def assert_untouched(pipe, originals):
     now = processors(pipe)
     assert now.keys() == originals.keys() and all(now[k] is originals[k] for k in originals)
-
-
-class TargetMass:
-    """Mean attention of the target columns in the conditional half's image rows, per edited layer call."""
-
-    def __init__(self, columns):
-        self.columns, self.values = columns, []
-
-    def wants(self, layer, step):
-        return True
-
-    def record(self, layer, step, probs, state):
-        if layer in state.edited_layers and step < 2:
-            n = probs.shape[0] // 2
-            self.values.append(probs[n:, :, :, self.columns].mean().item())
 
 
 # -- the text layout ---------------------------------------------------------------------------------
@@ -123,7 +109,7 @@ def test_regulation_changes_the_image_and_raises_the_targets_mass(sd3, vanilla):
     originals = processors(sd3)
     reg = AttentionRegulator(sd3, RegulationConfig.from_preset("paper", edit_steps=2))
     columns = reg.resolve(PROMPT, ["circle", "square"])["indices"]
-    plain_mass, regulated_mass = TargetMass(columns), TargetMass(columns)
+    plain_mass, regulated_mass = TargetMass(columns, steps=2), TargetMass(columns, steps=2)
     with reg.observing(plain_mass):  # run() with no plan edits nothing
         observed = reg.run(PROMPT, None, generator=gen(), output_type="np", **CALL).images
     np.testing.assert_array_equal(observed, vanilla)  # observing never changes the image
@@ -267,27 +253,13 @@ def flux():
     return tiny_flux_pipeline()
 
 
-class ColumnMass:
-    """Mean attention of each target column in the (single, guidance-distilled) batch's image rows."""
-
-    def __init__(self, columns):
-        self.columns, self.values = columns, []
-
-    def wants(self, layer, step):
-        return True
-
-    def record(self, layer, step, probs, state):
-        if layer in state.edited_layers and step < 2:
-            self.values.append(probs[..., self.columns].mean(dim=(0, 1, 2)).tolist())
-
-
 def test_flux_edits_its_single_batch_and_every_target_column_rises(flux):
     originals = processors(flux)
     plain = images(flux, FLUX_PROMPT)
     reg = AttentionRegulator(flux, RegulationConfig.from_preset("paper", edit_steps=2))
     info = reg.resolve(FLUX_PROMPT, ["circle", "square"])
     assert info["indices"] == info["stream_indices"] == [0, 5]  # FLUX's text stream is T5 alone, offset 0
-    before, after = ColumnMass(info["indices"]), ColumnMass(info["indices"])
+    before, after = (TargetMass(info["indices"], steps=2, guided=False, per_column=True) for _ in range(2))
     with reg.observing(before):
         np.testing.assert_array_equal(reg.run(FLUX_PROMPT, None, generator=gen(), output_type="np", **CALL).images, plain)
     with reg.observing(after):

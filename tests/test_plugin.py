@@ -14,7 +14,7 @@ from attnreg import (
     UnsupportedPipelineError,
 )
 from attnreg.processor import RegulatedAttnProcessor
-from attnreg.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from attnreg.testing import TargetMass, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a cat and a dog"
 STEPS = 6
@@ -44,21 +44,6 @@ def vanilla(sd):
     return images(sd)
 
 
-class TargetMass:
-    """Mean attention of the targets in the conditional half, per edited layer call."""
-
-    def __init__(self, targets):
-        self.targets, self.values = targets, []
-
-    def wants(self, layer, step):
-        return True
-
-    def record(self, layer, step, probs, state):
-        if layer in state.edited_layers and step < 3:
-            n = probs.shape[0] // 2
-            self.values.append(probs[n:, :, :, self.targets].mean().item())
-
-
 def test_regulated_differs_then_remove_gives_vanilla_bit_for_bit(sd, vanilla):
     originals = sd.unet.attn_processors
     reg = AttentionRegulator(sd, RegulationConfig())
@@ -79,7 +64,7 @@ def test_same_seed_same_image(sd):
 
 def test_target_attention_rises_in_edited_layers(sd):
     reg = AttentionRegulator(sd, RegulationConfig.from_preset("paper"))
-    vanilla_mass, regulated_mass = TargetMass([2, 5]), TargetMass([2, 5])
+    vanilla_mass, regulated_mass = TargetMass([2, 5], steps=3), TargetMass([2, 5], steps=3)
     with reg.observing(vanilla_mass):  # run() with no plan edits nothing
         reg.run(PROMPT, None, num_inference_steps=STEPS, generator=gen(), output_type="np")
     with reg.observing(regulated_mass):
