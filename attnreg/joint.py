@@ -38,17 +38,15 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, RegulationConfig
-from .processor import RegulationState
+from .processor import UNCHANGED, RegulationState, regulate_groups
 from .regulator import AttentionRegulator, GuidanceError, LayerError, UnsupportedPipelineError, check_pipeline, pipeline_default
-from .regulation import regulate_step
-from .tokens import TargetError, Token, auto_targets, eos_index, format_tokens, resolve_targets, token_table
+from .tokens import TargetError, Token, eos_index, format_tokens, resolve_targets, token_table
 
 JOINT_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 CLIP_LENGTH = 77  # SD3's CLIP stream: tokenizer_max_length
@@ -252,9 +250,6 @@ def _flux_streams(attn, hidden_states, context, image_rotary_emb):
     return query, key, value, context.shape[1]
 
 
-UNCHANGED = object()
-
-
 class JointRegulatedProcessor:
     """Wraps one joint-attention layer's own processor (JointAttnProcessor2_0 for SD3, FluxAttnProcessor
     for FLUX); regulates or records the image-to-text block of its attention when asked.
@@ -327,33 +322,10 @@ class JointRegulatedProcessor:
 
     def _regulate(self, scores, probs, rows: list[int], n_image: int):
         """regulation.regulate_step per group of images sharing their targets; (probs, batch rows changed)."""
-        state, plan = self.state, self.state.plan
-        heads = scores.shape[1]
-        first = plan.n_images if self.family == "sd3" else 0  # where the edited images start in the batch
-        bases = state.bases(state.map_shape(n_image), scores.device)
-        config = self.config
-        probs, changed = probs.clone(), []
-        for (targets, n_nouns, pairs), images in plan.groups().items():
-            at = [rows.index(first + i) for i in images]
-            init = state.initial_weights(images, (heads, bases.shape[0], len(targets))).to(scores.device)
-            key = (self.name, targets)
-            eos = torch.tensor([plan.image_eos[i] for i in images], device=scores.device).repeat_interleave(heads)
-            flat = lambda x: x[at].reshape(len(at) * heads, n_image, -1)  # noqa: E731 - (B, P, J)
-            unedited = flat(probs)
-            done = regulate_step(flat(scores), unedited, targets, bases, init, state.previous_best.get(key),
-                                 state.step, config, heads=heads, eos=eos, n_nouns=n_nouns, pairs=pairs)
-            if done is None:
-                state.previous_best[key] = torch.zeros_like(init)
-                continue
-            new = done.probs
-            if self.restore_eos_only:  # regulate_step's restore_special without its SOS column
-                every = torch.arange(new.shape[0], device=new.device)
-                new[every, :, eos] = unedited[every, :, eos]
-            state.previous_best[key] = done.weights
-            state.stats[(self.name, state.step, targets)] = (done.initial_loss, done.loss)
-            probs[at] = new.reshape(len(at), heads, n_image, -1)
-            changed += [first + i for i in images]
-        return probs, sorted(changed)
+        first = self.state.plan.n_images if self.family == "sd3" else 0  # where the edited images start
+        probs, images = regulate_groups(self.state, self.name, scores, probs, lambda image: rows.index(first + image),
+                                        n_image, self.config, self.restore_eos_only)
+        return probs, sorted(first + i for i in images)
 
     @staticmethod
     def _sd3_output(attn, hidden_states, image, text, changed, edited):
@@ -420,28 +392,12 @@ class JointAttentionRegulator(AttentionRegulator):
     def resolve(self, prompt: str, targets) -> dict:
         """{"prompt", "targets", "indices" (columns of the joint text sequence), "tokens", "source",
         "stream" ("t5" or "clip"), "stream_indices" (the stream's own token indices)}."""
-        source = "given"
-        if targets is None:
-            targets, source = auto_targets(prompt)
-            targets = self._within_reach(prompt, targets)
-        found = self.stream.resolve(prompt, list(targets), self._length)
-        table = self.stream.table(prompt, self._length)
-        return {
-            "prompt": prompt, "targets": list(targets), "indices": [self.stream.offset + i for i in found],
-            "tokens": [table[i].text for i in found], "source": source, "stream": self.stream.name,
-            "stream_indices": found,
-        }
+        info = super().resolve(prompt, targets)
+        info.update(stream=self.stream.name, stream_indices=[i - self.stream.offset for i in info["indices"]])
+        return info
 
-    def _within_reach(self, prompt: str, nouns: list[str]) -> list[str]:
-        kept = []
-        for noun in nouns:
-            try:
-                self.stream.resolve(prompt, [noun], self._length)
-            except TargetError as err:
-                warnings.warn(f"attnreg: automatic target dropped: {err}", stacklevel=4)
-                continue
-            kept.append(noun)
-        return kept
+    def _columns(self, prompt: str, targets: list) -> list[int]:
+        return [self.stream.offset + i for i in self.stream.resolve(prompt, targets, self._length)]
 
     def token_table(self, prompt: str, max_sequence_length: int | None = None) -> list[Token]:
         """The stream's tokens as the joint attention sees them, indexed by joint text column."""

@@ -124,11 +124,7 @@ class RegulatedAttnProcessor:
     def _conditional_only(self, attn, hidden_states, context, attention_mask, temb, **kwargs):
         """An edited call of the fast path: only the conditional half (the second) is computed explicitly;
         the unconditional half, which regulation never changes, goes through the layer's own processor."""
-        n = self.state.plan.n_images
-        if hidden_states.shape[0] != 2 * n:
-            raise RuntimeError(
-                f"attnreg expected a guidance batch of {2 * n} (unconditional + conditional), got {hidden_states.shape[0]}"
-            )
+        n = self._check_batch(hidden_states.shape[0], conditional=False)
 
         def half(x, part):  # a per-image tensor's rows of one half; anything else as it is
             return x[part] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 2 * n else x
@@ -201,28 +197,50 @@ class RegulatedAttnProcessor:
         """The conditional half's probabilities after regulation (regulation.regulate_step per group of
         images sharing their targets), and whether any image was changed. `conditional`: the tensors hold
         only the conditional half."""
-        state, plan = self.state, self.state.plan
-        batch, heads = scores.shape[:2]
-        n = plan.n_images
+        n = self._check_batch(scores.shape[0], conditional)
+        first = 0 if conditional else n  # the conditional half comes second
+        probs, changed = regulate_groups(self.state, self.name, scores, probs, lambda image: first + image, n_pixels)
+        return probs, bool(changed)
+
+    def _check_batch(self, batch: int, conditional: bool) -> int:
+        """The plan's number of images, once `batch` is the guidance batch (or its conditional half) of them."""
+        n = self.state.plan.n_images
         if batch != (n if conditional else 2 * n):
-            raise RuntimeError(
-                f"attnreg expected a guidance batch of {2 * n} (unconditional + conditional), got {batch}"
-            )
-        bases = state.bases(state.map_shape(n_pixels), scores.device)
-        probs, changed = probs.clone(), False
-        for (targets, n_nouns, pairs), images in plan.groups().items():
-            rows = [i if conditional else n + i for i in images]  # the conditional half comes second
-            init = state.initial_weights(images, (heads, bases.shape[0], len(targets))).to(scores.device)
-            key = (self.name, targets)
-            eos = torch.tensor([plan.image_eos[i] for i in images], device=scores.device).repeat_interleave(heads)
-            flat = lambda x: x[rows].reshape(len(rows) * heads, n_pixels, -1)  # noqa: E731 - (B, P, J)
-            done = regulate_step(flat(scores), flat(probs), targets, bases, init, state.previous_best.get(key),
-                                 state.step, state.config, heads=heads, eos=eos, n_nouns=n_nouns, pairs=pairs)
-            if done is None:  # no image of this group needs regulation at this step
-                state.previous_best[key] = torch.zeros_like(init)
-                continue
-            state.previous_best[key] = done.weights
-            state.stats[(self.name, state.step, targets)] = (done.initial_loss, done.loss)
-            probs[rows] = done.probs.reshape(len(rows), heads, n_pixels, -1)
-            changed = True
-        return probs, changed
+            raise RuntimeError(f"attnreg expected a guidance batch of {2 * n} (unconditional + conditional), got {batch}")
+        return n
+
+
+def regulate_groups(state: RegulationState, layer: str, scores: torch.Tensor, probs: torch.Tensor, row_of,
+                    n_pixels: int, config: RegulationConfig | None = None, restore_eos_only: bool = False):
+    """`regulation.regulate_step` for every group of the plan's images that share their targets, at one
+    edited layer call: (probs with those images' rows replaced, the images changed).
+
+    scores, probs: (batch, heads, P, J); `row_of(image)` is the image's row in them. The state keeps each
+    group's best weights for the next step's blend and the solver's losses. `restore_eos_only` puts
+    back the EOS column after the step (for a text stream without SOS, where `config` has
+    restore_special off)."""
+    plan, heads = state.plan, scores.shape[1]
+    config = config or state.config
+    bases = state.bases(state.map_shape(n_pixels), scores.device)
+    probs, changed = probs.clone(), []
+    for (targets, n_nouns, pairs), images in plan.groups().items():
+        rows = [row_of(i) for i in images]
+        init = state.initial_weights(images, (heads, bases.shape[0], len(targets))).to(scores.device)
+        key = (layer, targets)
+        eos = torch.tensor([plan.image_eos[i] for i in images], device=scores.device).repeat_interleave(heads)
+        flat = lambda x: x[rows].reshape(len(rows) * heads, n_pixels, -1)  # noqa: E731 - (B, P, J)
+        unedited = flat(probs)
+        done = regulate_step(flat(scores), unedited, targets, bases, init, state.previous_best.get(key),
+                             state.step, config, heads=heads, eos=eos, n_nouns=n_nouns, pairs=pairs)
+        if done is None:  # no image of this group needs regulation at this step
+            state.previous_best[key] = torch.zeros_like(init)
+            continue
+        new = done.probs
+        if restore_eos_only:
+            every = torch.arange(new.shape[0], device=new.device)
+            new[every, :, eos] = unedited[every, :, eos]
+        state.previous_best[key] = done.weights
+        state.stats[(layer, state.step, targets)] = (done.initial_loss, done.loss)
+        probs[rows] = new.reshape(len(rows), heads, n_pixels, -1)
+        changed += images
+    return probs, changed

@@ -95,8 +95,7 @@ class AttentionRegulator:
 
     def __new__(cls, pipe, *args, **kwargs):
         # SD3 and FLUX (joint attention) get the MMDiT regulator of joint.py; same API.
-        if cls is AttentionRegulator:
-            check_pipeline(pipe)
+        if cls is AttentionRegulator:  # (an unsupported pipeline is refused by __init__)
             from .joint import JointAttentionRegulator, joint_family
 
             if joint_family(pipe) is not None:
@@ -121,20 +120,27 @@ class AttentionRegulator:
     # -- targets --------------------------------------------------------------------------------
     def resolve(self, prompt: str, targets: list[str | int] | None) -> dict:
         """{"prompt", "targets", "indices", "tokens", "source"} for one prompt."""
-        tok = self.pipe.tokenizer
         source = "given"
         if targets is None:
             targets, source = auto_targets(prompt)
             targets = self._within_reach(prompt, targets)
-        indices = resolve_targets(tok, prompt, list(targets))
-        table = token_table(tok, prompt)
+        indices = self._columns(prompt, list(targets))
+        text = {t.index: t.text for t in self.token_table(prompt)}
         return {
             "prompt": prompt,
             "targets": list(targets),
             "indices": indices,
-            "tokens": [table[i].text for i in indices],
+            "tokens": [text[i] for i in indices],
             "source": source,
         }
+
+    def _columns(self, prompt: str, targets: list) -> list[int]:
+        """The attention columns of `targets` in `prompt` (a TargetError naming the prompt's tokens)."""
+        return resolve_targets(self.pipe.tokenizer, prompt, targets)
+
+    def token_table(self, prompt: str) -> list:
+        """The prompt's tokens as the cross-attention sees them, indexed by column."""
+        return token_table(self.pipe.tokenizer, prompt)
 
     def _within_reach(self, prompt: str, nouns: list[str]) -> list[str]:
         """Automatic targets the text encoder sees: a noun past the tokenizer's truncation is dropped with a
@@ -142,7 +148,7 @@ class AttentionRegulator:
         kept = []
         for noun in nouns:
             try:
-                resolve_targets(self.pipe.tokenizer, prompt, [noun])
+                self._columns(prompt, [noun])
             except TargetError as err:
                 warnings.warn(f"attnreg: automatic target dropped: {err}", stacklevel=3)
                 continue
