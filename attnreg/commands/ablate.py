@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..ablate import PARAMS
-from .bench import add_bench_options, bench_options
+from .bench import bench_options
 from .common import add_model_args, add_sampling_args, prepare_run
 
 
@@ -41,15 +41,16 @@ def register(subparsers) -> None:
     p.add_argument("--param", required=True, choices=list(PARAMS), help="beta is the config's epsilon")
     p.add_argument("--values", required=True,
                    help="comma-separated numbers; for layers, sets separated by ';' (e.g. 'down_blocks.2;down_blocks.2,up_blocks.1')")
-    add_bench_options(p, "--dataset", "--subsets", "--seeds", "--limit", changes={
-        "--dataset": dict(required=False, default="shapes", help="shapes, ae or file:PATH (default: shapes)"),
-        "--subsets": dict(help=None), "--seeds": dict(default="0-7", help=None),
-        "--limit": dict(default=10, help="prompts per subset (default 10)")})
+    p.add_argument("--dataset", default="shapes", help="shapes, ae or file:PATH (default: shapes)")
+    p.add_argument("--subsets", default=None)
+    p.add_argument("--seeds", default="0-7")
+    p.add_argument("--limit", type=int, default=10, help="prompts per subset (default 10)")
     add_model_args(p)
     add_sampling_args(p)
-    add_bench_options(p, "--metrics", changes={"--metrics": dict(help="metrics to score (default: the fidelity's metric)")})
+    p.add_argument("--metrics", default="auto", help="metrics to score (default: the fidelity's metric)")
     p.add_argument("--fidelity", default=None, help="METRIC.FIELD plotted (default: detect.success on shapes, clip.full otherwise)")
     p.add_argument("--clip-model", default=None, help="CLIP id or folder for the clip metric")
-    add_bench_options(p, "--out", "--no-progress", "--debug",
-                      changes={"--out": dict(required=False, default="ablate", help=None)})
+    p.add_argument("--out", default="ablate")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_ablate)

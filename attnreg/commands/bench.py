@@ -59,45 +59,9 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _option_table() -> dict[str, dict]:
-    """The options of the benchmark runner as `bench` declares them; `ablate` takes some with changes."""
+def register(sub) -> None:
     from ..eval.datasets import DATASETS
     from ..eval.methods import METHODS
-    from ..eval.metrics import METRICS
-
-    return {
-        "--dataset": dict(required=True, help=f"{', '.join(DATASETS)}"),
-        "--subsets": dict(default=None, help="comma-separated subsets (default: all)"),
-        "--methods": dict(default="sd,attnreg", help=f"comma-separated, from: {', '.join(METHODS)} (default: sd,attnreg)"),
-        "--seeds": dict(default="0-63", help="e.g. 0-63, 0,1,2 (default 0-63)"),
-        "--model": dict(default=None, help="local pipeline folder or hub id (default: the embedded shapes model)"),
-        "--out": dict(required=True, help="output folder"),
-        "--metrics": dict(default="auto", help=f"comma-separated, from: {', '.join(METRICS)}; none; auto "
-                          "(default: detect for shapes, clip otherwise)"),
-        "--limit": dict(type=int, default=None, help="at most N prompts per subset"),
-        "--device": dict(default="cpu", help="cpu, cuda, ... (each process takes its own GPU when distributed)"),
-        "--dtype": dict(default="float32", choices=["float32", "float16", "bfloat16"]),
-        "--set": dict(action="append", default=[], metavar="METHOD.OPTION=VALUE",
-                      help="a method option (JSON value), e.g. attend-and-excite.max_iter_to_alter=10, "
-                      "attnreg.edit_steps=20; repeatable"),
-        "--threads": dict(type=int, default=1, help="torch CPU threads per process (default: 1)"),
-        "--force": dict(action="store_true", help="write beside records of another configuration (never overwrites)"),
-        "--warmup": dict(action="store_true", help="one untimed image per method first (fairer seconds/image)"),
-        "--no-report": dict(action="store_true", help="do not write report.md at the end"),
-        "--no-progress": dict(action="store_true"),
-        "--debug": dict(action="store_true", help="show tracebacks"),
-    }
-
-
-def add_bench_options(p: argparse.ArgumentParser, *names: str, changes: dict[str, dict] | None = None) -> None:
-    """Add the runner's options `names` to `p`, in that order, as `bench` has them; `changes` maps an
-    option to the settings (default, help, ...) another command gives it."""
-    table = _option_table()
-    for name in names:
-        p.add_argument(name, **{**table[name], **(changes or {}).get(name, {})})
-
-
-def register(sub) -> None:
     from ..eval.metrics import METRICS
 
     b = sub.add_parser(
@@ -105,11 +69,27 @@ def register(sub) -> None:
         description="Every (prompt, seed, method) writes DIR/images/<key>.png and DIR/records/<key>.json; a rerun "
         "skips finished items. Under `accelerate launch` or `torchrun` the items are shared among the processes.",
     )
-    add_bench_options(b, "--dataset", "--subsets", "--methods", "--seeds", "--model", "--out", "--metrics")
+    b.add_argument("--dataset", required=True, help=f"{', '.join(DATASETS)}")
+    b.add_argument("--subsets", default=None, help="comma-separated subsets (default: all)")
+    b.add_argument("--methods", default="sd,attnreg", help=f"comma-separated, from: {', '.join(METHODS)} (default: sd,attnreg)")
+    b.add_argument("--seeds", default="0-63", help="e.g. 0-63, 0,1,2 (default 0-63)")
+    b.add_argument("--model", default=None, help="local pipeline folder or hub id (default: the embedded shapes model)")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--metrics", default="auto",
+                   help=f"comma-separated, from: {', '.join(METRICS)}; none; auto (default: detect for shapes, clip otherwise)")
     add_sampling_args(b)
-    add_bench_options(b, "--limit", "--device", "--dtype", "--set", "--threads")
+    b.add_argument("--limit", type=int, default=None, help="at most N prompts per subset")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, ... (each process takes its own GPU when distributed)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    b.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                   help="a method option (JSON value), e.g. attend-and-excite.max_iter_to_alter=10, attnreg.edit_steps=20; repeatable")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default: 1)")
     b.set_defaults(on_interrupt="finished images are kept; the same command resumes")
-    add_bench_options(b, "--force", "--warmup", "--no-report", "--no-progress", "--debug")
+    b.add_argument("--force", action="store_true", help="write beside records of another configuration (never overwrites)")
+    b.add_argument("--warmup", action="store_true", help="one untimed image per method first (fairer seconds/image)")
+    b.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--debug", action="store_true", help="show tracebacks")
     _add_metric_model_args(b)
     b.set_defaults(func=cmd_bench)
 
