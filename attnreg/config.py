@@ -85,6 +85,10 @@ class RegulationConfig:
         "red" in "a red circle") to it: a SynGen-like term that moves the modifier's map into its noun's
         region and out of the other nouns' (`binding_loss`); an image is then also regulated when a
         modifier's map overlaps another noun's more than its own.
+      compile ("auto", "on", "off"; every preset): run the fast solver through torch.compile. "auto"
+        compiles on CUDA only, because on CPU the first call's compile (10-75 s here) outweighs what it
+        saves unless one process makes hundreds of images; a failure to compile falls back to eager with
+        one warning (compiled.py).
     """
 
     layers: tuple[str, ...] | None = None
@@ -111,6 +115,7 @@ class RegulationConfig:
     layer_choice: str = "model"
     binding: float = 0.0
     fast: bool = False
+    compile: str = "auto"
     preset: str = field(default="paper", compare=False)
 
     def __post_init__(self):
@@ -156,6 +161,8 @@ class RegulationConfig:
             problems.append("binding needs loss='relative' (the auto preset)")
         if self.fast and self.loss != "relative":
             problems.append("fast needs loss='relative' (the auto preset); the paper preset keeps the release's solver")
+        if self.compile not in COMPILE_CHOICES:
+            problems.append(f"compile={self.compile!r} is not one of {', '.join(COMPILE_CHOICES)}")
         if not 0 < self.decay <= 1:
             problems.append(f"decay={self.decay!r} must be in (0, 1]")
         if problems:
@@ -183,11 +190,14 @@ class RegulationConfig:
             # Left out when off: configurations (and benchmark file names, which hash them) from before the
             # field existed stay the same.
             del d["fast"]
+        if self.compile == "auto":
+            del d["compile"]  # a runtime choice (the same results to float rounding); kept out of old hashes
         return d
 
 
 LOSSES = ("paper", "relative")
 LAYER_CHOICES = ("model", "calibrated")
+COMPILE_CHOICES = ("auto", "on", "off")
 
 PRESETS: dict[str, RegulationConfig] = {
     "paper": RegulationConfig(preset="paper"),

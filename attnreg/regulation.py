@@ -518,9 +518,10 @@ def images_to_edit(unedited, heads: int, n_nouns: int, pairs, config):
     return edit_images
 
 
-def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_nouns: int, pairs, config):
+def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_nouns: int, pairs, config,
+                  fast_solver=fast_optimise_rows):
     """The bump weights for one group (a SolverResult). `config` is a RegulationConfig (its loss and
-    solver fields)."""
+    solver fields); `fast_solver` runs `fast_optimise_rows` (compiled.py passes a compiled one)."""
     if config.loss != "relative":
         return optimise_offsets(
             target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights,
@@ -533,7 +534,7 @@ def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_
             config.iterations, config.lr, config.loss_weights,
         )
     if getattr(config, "fast", False):
-        return fast_optimise_rows(
+        return fast_solver(
             target_logits, rest_lse, bases, init, ref_high, ref_mean, fast_step_sizes(config.iterations, config.lr),
             config.loss_weights,
         )
@@ -556,6 +557,7 @@ def regulate_step(
     eos: torch.Tensor,
     n_nouns: int | None = None,
     pairs: tuple = (),
+    fast_solver=fast_optimise_rows,
 ) -> RegulatedStep | None:
     """Attention Regulation at one edited layer and step, for rows sharing `targets` (Sec. 4, Alg. 1).
 
@@ -575,7 +577,7 @@ def regulate_step(
     keep = torch.ones(scores.shape[-1], dtype=torch.bool, device=scores.device)
     keep[t] = False
     target_logits, rest_lse = scores[..., t], torch.logsumexp(scores[..., keep], dim=-1, keepdim=True)
-    result = solve_weights(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs, config)
+    result = solve_weights(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs, config, fast_solver)
     if previous is None or previous.shape != init.shape:
         previous = init  # at the first edited step "previous" is the initial weights
     applied = smoothed_weights(previous, result.weights, step, config.smoothing, config.decay)

@@ -99,7 +99,7 @@ def writable_folder(path: str) -> Path:
 
 
 def add_regulation_args(p: argparse.ArgumentParser) -> None:
-    from ..config import PRESETS
+    from ..config import COMPILE_CHOICES, PRESETS
 
     p.add_argument("--preset", default="auto", metavar="{" + ",".join(PRESETS) + "}",
                    help="auto: layers and loss levels fitted to the model (default); paper: the authors' release")
@@ -108,6 +108,9 @@ def add_regulation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact", action="store_true",
                    help="auto preset: the exact solver (20 unit steps) instead of the fast path (the same images within "
                    "the benchmark's noise, ~1/10 of regulation's own pixel change)")
+    p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
+                   help="fast solver through torch.compile: auto = on CUDA only (default), on (also CPU: the first "
+                   "call compiles for 10-75 s), off = eager; a failed compile falls back to eager with a warning")
 
 
 def regulation_config(args):
@@ -120,6 +123,8 @@ def regulation_config(args):
         overrides["edit_steps"] = args.edit_steps
     if getattr(args, "exact", False):
         overrides["fast"] = False
+    if getattr(args, "compile", "auto") != "auto":
+        overrides["compile"] = args.compile
     return RegulationConfig.from_preset(args.preset, **overrides)
 
 
