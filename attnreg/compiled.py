@@ -1,9 +1,10 @@
-"""The fast solver through `torch.compile`, chosen per device, with an eager fallback.
+"""An edited layer call's work after the neglect test (`regulation.edit_group`: the fast solver, the blend,
+the offsets and the softmax) through `torch.compile`, chosen per device, with an eager fallback.
 
-`fast_optimise_rows` is a fixed number of small tensor operations with no host sync, so a compiler can fuse
-them: on CPU, inductor's C++ backend turns the ~430 ATen calls of one solve into ~140 fused loops plus the
-matrix products and top-k (measured at 8 x 8 maps, 8 rows, 2 targets: 7.4 -> 1.2 ms per solve); on CUDA,
-mode "reduce-overhead" also captures the solve as a CUDA graph, one launch per solve. The first call pays
+`edit_group` on the fast path is a fixed number of small tensor operations with no host sync, so a compiler
+can fuse them: on CPU, inductor's C++ backend turns its ~380 ATen calls into a few dozen fused loops and
+the matrix products and top-k it keeps (benchmarks/compiled_edit.py); on CUDA, mode "reduce-overhead"
+also captures it as a CUDA graph, one launch per edited call. The first call pays
 for compiling: 10-75 s on the 2-core CPU here (less when inductor's on-disk graph cache has the shape),
 so `compile="auto"` compiles on CUDA only; on CPU it pays off only over hundreds of images in one process
 (`compile="on"`, e.g. a benchmark). Each new shape (map size, rows, targets) may compile again; past
@@ -16,14 +17,16 @@ thing (tests/test_compiled.py checks them equal on CPU).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 
 import torch
 
-from .regulation import fast_optimise_rows
+from .regulation import edit_group
 
 _compiled: dict[str, object] = {}  # torch.compile wrapper per mode, made once per process
-_failed: list[str] = []  # the first failure's message; once set, every later solve is eager
+_failed: list[str] = []  # the first failure's message; once set, every later call is eager
 
 
 def wanted(choice: str, device: torch.device) -> bool:
@@ -31,20 +34,29 @@ def wanted(choice: str, device: torch.device) -> bool:
     return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 
-def _solver(device: torch.device):
+def editor(config):
+    """What `regulate_step` should call for its `edit`: None (the eager `edit_group`) unless `config` takes
+    the fast solver and may compile; then `compiled_edit` with the config's choice."""
+    if config.compile == "off" or not config.fast or config.loss != "relative":
+        return None
+    return functools.partial(compiled_edit, config.compile)
+
+
+def _compiled_edit_group(device: torch.device):
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     if mode not in _compiled:
-        _compiled[mode] = torch.compile(fast_optimise_rows, mode=mode, fullgraph=True)
+        _compiled[mode] = torch.compile(edit_group, mode=mode, fullgraph=True)
     return _compiled[mode]
 
 
-def fast_solve(choice: str, target_logits, *args, **kwargs):
-    """`fast_optimise_rows(target_logits, *args, **kwargs)`, compiled when `choice` asks for it on this
-    device and compiling has not failed in this process."""
-    if _failed or not wanted(choice, target_logits.device):
-        return fast_optimise_rows(target_logits, *args, **kwargs)
+def compiled_edit(choice: str, scores, *args):
+    """`edit_group(scores, *args)` compiled, when `choice` asks for it on this device, the group takes the
+    fast solver (no binding pairs) and compiling has not failed in this process; else eager."""
+    config, pairs = args[-4], args[-1]
+    if _failed or not wanted(choice, scores.device) or (pairs and config.binding > 0):
+        return edit_group(scores, *args)
     try:
-        result = _solver(target_logits.device)(target_logits, *args, **kwargs)
+        result = _compiled_edit_group(scores.device)(scores, *args)
     except Exception as err:  # noqa: BLE001 - any compiler failure means "run eager", see the module doc
         _failed.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         warnings.warn(
@@ -52,10 +64,11 @@ def fast_solve(choice: str, target_logits, *args, **kwargs):
             "(the same results; set compile='off' / --compile off to skip the attempt)",
             RuntimeWarning, stacklevel=2,
         )
-        return fast_optimise_rows(target_logits, *args, **kwargs)
-    if target_logits.device.type == "cuda":
+        return edit_group(scores, *args)
+    if scores.device.type == "cuda":
         # CUDA-graph outputs live in buffers the next replay overwrites; the weights are kept across steps
-        result = type(result)(*(t.clone() for t in (result.weights, result.loss, result.initial_loss)))
+        result = dataclasses.replace(result, **{f.name: getattr(result, f.name).clone()
+                                                for f in dataclasses.fields(result)})
     return result
 
 

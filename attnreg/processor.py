@@ -9,13 +9,12 @@ the probabilities are computed beside it for the observers.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .compiled import fast_solve
+from .compiled import editor
 from .config import RegulationConfig
 from .geometry import map_shape
 from .regulation import gaussian_bases, regulate_step
@@ -224,7 +223,7 @@ def regulate_groups(state: RegulationState, layer: str, scores: torch.Tensor, pr
     plan, heads = state.plan, scores.shape[1]
     config = config or state.config
     bases = state.bases(state.map_shape(n_pixels), scores.device)
-    solver = functools.partial(fast_solve, config.compile)
+    edit = editor(config)  # None: eager
     probs, changed = probs.clone(), []
     for (targets, n_nouns, pairs), images in plan.groups().items():
         rows = [row_of(i) for i in images]
@@ -235,7 +234,7 @@ def regulate_groups(state: RegulationState, layer: str, scores: torch.Tensor, pr
         unedited = flat(probs)
         done = regulate_step(flat(scores), unedited, targets, bases, init, state.previous_best.get(key),
                              state.step, config, heads=heads, eos=eos, n_nouns=n_nouns, pairs=pairs,
-                             fast_solver=solver)
+                             edit=edit)
         if done is None:  # no image of this group needs regulation at this step
             state.previous_best[key] = torch.zeros_like(init)
             continue

@@ -518,10 +518,9 @@ def images_to_edit(unedited, heads: int, n_nouns: int, pairs, config):
     return edit_images
 
 
-def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_nouns: int, pairs, config,
-                  fast_solver=fast_optimise_rows):
+def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_nouns: int, pairs, config):
     """The bump weights for one group (a SolverResult). `config` is a RegulationConfig (its loss and
-    solver fields); `fast_solver` runs `fast_optimise_rows` (compiled.py passes a compiled one)."""
+    solver fields)."""
     if config.loss != "relative":
         return optimise_offsets(
             target_logits, rest_lse, bases, init, config.iterations, config.lr, config.loss_weights,
@@ -534,7 +533,7 @@ def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_
             config.iterations, config.lr, config.loss_weights,
         )
     if getattr(config, "fast", False):
-        return fast_solver(
+        return fast_optimise_rows(
             target_logits, rest_lse, bases, init, ref_high, ref_mean, fast_step_sizes(config.iterations, config.lr),
             config.loss_weights,
         )
@@ -557,16 +556,13 @@ def regulate_step(
     eos: torch.Tensor,
     n_nouns: int | None = None,
     pairs: tuple = (),
-    fast_solver=fast_optimise_rows,
+    edit=None,
 ) -> RegulatedStep | None:
     """Attention Regulation at one edited layer and step, for rows sharing `targets` (Sec. 4, Alg. 1).
 
     scores, probs: (B, P, J) logits S and softmax(S) of the conditional rows, B = images x heads.
-    The solver finds bump weights w from `init`; the weights applied are `smoothed_weights` of the
-    previous step's best (`previous`, or `init` at the first edited step) and this step's; the offsets
-    Delta = sum_k w_k G_k are added to the targets' logits and the softmax is taken again. SOS and the
-    first EOS (`eos`, per row) keep their original probabilities when `config.restore_special` (as
-    released). Images the neglect test leaves alone keep their rows exactly. None: nothing to edit.
+    The neglect test first (`images_to_edit`); then `edit_group` (or `edit`, a compiled copy of it from
+    compiled.py) solves, smooths and applies. None: nothing to edit.
     """
     n_nouns = len(targets) if n_nouns is None else n_nouns
     t = torch.tensor(targets, device=scores.device)
@@ -574,14 +570,30 @@ def regulate_step(
     edit_images = images_to_edit(unedited, heads, n_nouns, pairs, config)
     if edit_images is not None and not edit_images.any():
         return None  # tested before anything else is computed: most calls of a level prompt end here
-    keep = torch.ones(scores.shape[-1], dtype=torch.bool, device=scores.device)
-    keep[t] = False
-    target_logits, rest_lse = scores[..., t], torch.logsumexp(scores[..., keep], dim=-1, keepdim=True)
-    result = solve_weights(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs, config, fast_solver)
     if previous is None or previous.shape != init.shape:
         previous = init  # at the first edited step "previous" is the initial weights
-    applied = smoothed_weights(previous, result.weights, step, config.smoothing, config.decay)
     edit_rows = None if edit_images is None else edit_images.repeat_interleave(heads)
+    # the step enters as a tensor so that a compiled `edit` is not specialised to each step
+    decay = torch.tensor(config.decay**step, device=scores.device)
+    return (edit or edit_group)(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos,
+                                config, heads, n_nouns, pairs)
+
+
+def edit_group(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos, config, heads: int,
+               n_nouns: int, pairs) -> RegulatedStep:
+    """Alg. 1 on the rows of one group: the solver finds bump weights w from `init`; the weights applied
+    are `smoothed_weights` of the previous step's best (`previous`) and this step's, scaled by `decay`
+    (decay**step); the offsets Delta = sum_k w_k G_k are added to the targets' (`t`) logits and the
+    softmax is taken again. SOS and the first EOS (`eos`, per row) keep their original probabilities when
+    `config.restore_special` (as released). Rows outside `edit_rows` (the images the neglect test leaves
+    alone; None = all edited) keep their probabilities exactly. No host sync, fixed shapes: compilable."""
+    # the other columns, in order, as an index of static length (targets are distinct): a boolean mask
+    # would give the same values but a data-dependent shape, which a compiler cannot fix in advance
+    is_target = torch.zeros(scores.shape[-1], dtype=torch.uint8, device=scores.device).index_fill_(0, t, 1)
+    others = torch.argsort(is_target, stable=True)[: scores.shape[-1] - t.shape[0]]
+    target_logits, rest_lse = scores[..., t], torch.logsumexp(scores.index_select(-1, others), dim=-1, keepdim=True)
+    result = solve_weights(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs, config)
+    applied = decay * smoothed_weights(previous, result.weights, 0, config.smoothing)
     if edit_rows is not None:
         applied = applied * edit_rows[:, None, None]
     edited = scores.clone()
@@ -592,5 +604,5 @@ def regulate_step(
         rows = torch.arange(p.shape[0], device=p.device)
         p[rows, :, eos] = probs[rows, :, eos]
     if edit_rows is not None:
-        p[~edit_rows] = probs[~edit_rows]
+        p = torch.where(edit_rows[:, None, None], p, probs)
     return RegulatedStep(p, result.weights, result.initial_loss, result.loss)

@@ -11,7 +11,7 @@ import torch
 
 from attnreg import AttentionRegulator, RegulationConfig, compiled
 from attnreg.config import ConfigError
-from attnreg.regulation import fast_optimise_rows, fast_step_sizes, gaussian_bases, reference_levels, RelativeLoss
+from attnreg.regulation import RelativeLoss, edit_group, fast_step_sizes, gaussian_bases, reference_levels
 from attnreg.testing import tiny_sd_pipeline
 
 LOSS = RelativeLoss(1.0, 1.0, 0.01, 0.9, 2.0)
@@ -27,16 +27,23 @@ def fresh_compiler():
     compiled.reset()
 
 
-def problem(side=8, rows=4, n=2, seed=0):
+def problem(side=8, images=2, n=2, heads=2, every=True, seed=0):
+    """`edit_group`'s arguments for a group where target 0 dominates (the auto preset's case): scores and
+    probs (images x heads, P, 12 columns), targets at columns 2, 5(, 7), the first step (previous = init);
+    `every`: all images edited, else the first one only."""
     torch.manual_seed(seed)
-    logits = torch.randn(rows, side * side, n) - 2
-    logits[..., 0] += 2 + torch.randn(rows, side * side)
-    rest = torch.randn(rows, side * side, 1) + 4
-    probs = torch.softmax(torch.cat([logits, rest], dim=-1), dim=-1)[..., :n]
-    ref_high, ref_mean = reference_levels(probs, LOSS.quantile)
+    rows, columns = images * heads, 12
+    t = torch.tensor([2, 5, 7][:n])
+    scores = torch.randn(rows, side * side, columns)
+    scores[..., t] -= 2
+    scores[..., t[0]] += 4 + torch.randn(rows, side * side)
+    probs = scores.softmax(dim=-1)
     bases = gaussian_bases(side, side)
     init = torch.zeros(rows, bases.shape[0], n)
-    return logits, rest, bases, init, ref_high, ref_mean, fast_step_sizes(20, 1.0), LOSS
+    edit_rows = None if every else (torch.arange(images) == 0).repeat_interleave(heads)
+    eos = torch.full((rows,), columns - 1)
+    return (scores, probs, probs[..., t], t, bases, init, init, torch.tensor(0.99**3), edit_rows, eos,
+            RegulationConfig.from_preset("auto", compile="on"), heads, n, ())
 
 
 def test_compile_choice_is_validated_and_kept_out_of_old_hashes():
@@ -60,17 +67,22 @@ def test_off_and_auto_on_cpu_run_eager(choice):
 
 @pytest.mark.slow
 def test_compiled_solver_equals_eager_across_shapes():
-    # One compiled solver, problems of other map sizes, row counts and target counts in turn: each equals
-    # the eager solver on the same problem (recompiled or reused, never stale).
-    for side, rows, n in [(8, 4, 2), (8, 8, 2), (16, 4, 3), (8, 4, 3), (8, 4, 2)]:
-        args = problem(side, rows, n)
-        eager = fast_optimise_rows(*args)
+    # One compiled edit, groups of other map sizes, image counts, target counts and a partly edited group
+    # in turn: each equals the eager edit on the same group (recompiled or reused, never stale).
+    for side, images, n, every in [(8, 2, 2, True), (8, 4, 2, True), (16, 2, 3, True), (8, 2, 3, False),
+                                   (8, 2, 2, True)]:
+        args = problem(side, images, n, every=every)
+        eager = edit_group(*args)
+        assert eager.loss.max() < 0.5 * eager.initial_loss.min()  # the solver had work to do
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no fallback warning: it really compiled
-            fast = compiled.fast_solve("on", *args)
+            fast = compiled.compiled_edit("on", *args)
         torch.testing.assert_close(fast.weights, eager.weights, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.probs, eager.probs, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(fast.loss, eager.loss, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(fast.initial_loss, eager.initial_loss)
+        if not every:  # the image the neglect test left alone keeps its probabilities exactly
+            assert torch.equal(fast.probs[args[8].logical_not()], args[1][args[8].logical_not()])
     assert "default" in compiled._compiled and not compiled._failed
 
 
@@ -81,17 +93,17 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_one_warning():
     import torch._inductor.config as inductor
 
     args = problem()
-    eager = fast_optimise_rows(*args)
+    eager = edit_group(*args)
     with inductor.patch({"cpp.cxx": ("/nonexistent/attnreg-cc",), "force_disable_caches": True}):
         with pytest.warns(RuntimeWarning, match="torch.compile of the solver failed.*eager solver") as caught:
-            first = compiled.fast_solve("on", *args)
+            first = compiled.compiled_edit("on", *args)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # only the first failure warns
-            second = compiled.fast_solve("on", *problem(8, 8, 3))
+            second = compiled.compiled_edit("on", *problem(8, 4, 3))
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
     assert compiled._failed
-    torch.testing.assert_close(first.weights, eager.weights)
-    torch.testing.assert_close(second.weights, fast_optimise_rows(*problem(8, 8, 3)).weights)
+    torch.testing.assert_close(first.probs, eager.probs)
+    torch.testing.assert_close(second.weights, edit_group(*problem(8, 4, 3)).weights)
 
 
 @pytest.mark.slow
