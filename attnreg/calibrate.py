@@ -15,6 +15,11 @@ Per layer, on the conditional half, the head-averaged map of each target token i
              target's best tenth of the map gets than its average, i.e. a peak against a uniform map.
 A layer's score is its mean contrast; a layer whose target maps are flat (however much mass) or
 empty scores 0. The chosen layers are those within `keep` of the best score.
+
+SD3 and FLUX (joint.py) are calibrated the same way over their joint blocks (FLUX: the single-stream
+ones too), on what their processor hands observers: the image-query rows at the target text columns,
+the softmax over text + image keys, so J (the uniform row's width) is the text columns plus the image
+tokens. Their regulator reads a calibration the model has but never runs one itself (joint.py says why).
 """
 
 from __future__ import annotations
@@ -62,11 +67,13 @@ class LayerStats:
 
     @torch.no_grad()
     def record(self, layer: str, step: int, probs: torch.Tensor, state) -> None:
-        batch, _heads, _pixels, n_tokens = probs.shape
+        batch, _heads, _pixels, n_text = probs.shape
         n = len(self.image_targets)
-        if batch != 2 * n:
-            raise CalibrationError(f"expected a guidance batch of {2 * n} during calibration, got {batch}")
-        cond = probs[n:].float().mean(dim=1)  # (images, P, J), heads averaged
+        rows = state.conditional(batch)
+        if len(range(batch)[rows]) != n:
+            raise CalibrationError(f"expected {n} images in the batch of {batch} during calibration")
+        cond = probs[rows].float().mean(dim=1)  # (images, P, text columns), heads averaged
+        n_tokens = state.row_width(_pixels, n_text)  # J: every key column of the row's softmax
         acc = self.sums.setdefault(layer, {"mass": 0.0, "contrast": 0.0, "count": 0, "pixels": _pixels})
         for image, targets in enumerate(self.image_targets):
             maps = cond[image][:, targets]  # (P, n)
@@ -94,18 +101,19 @@ def choose_layers(stats: dict[str, dict[str, float]], keep: float = 0.5) -> list
     return [layer for layer, s in stats.items() if s["contrast"] >= keep * best]
 
 
-def _calibration_targets(pipe, prompts, targets) -> tuple[list[str], list[list[int]]]:
-    """The prompts (given, the model's, or the generic ones) and their target token indices."""
-    from .tokens import auto_targets, resolve_targets
+def _calibration_targets(reg, prompts, targets) -> tuple[list[str], list[list[int]]]:
+    """The prompts (given, the model's, or the generic ones) and their target token indices (the columns
+    the regulator `reg` edits)."""
+    from .tokens import auto_targets
 
-    prompts = list(prompts or model_calibration_prompts(pipe) or DEFAULT_PROMPTS)
+    prompts = list(prompts or model_calibration_prompts(reg.pipe) or DEFAULT_PROMPTS)
     if not prompts:
         raise CalibrationError("calibration needs at least one prompt")
     if targets is None:
         targets = [auto_targets(p)[0] for p in prompts]
     if len(targets) != len(prompts):
         raise CalibrationError(f"got {len(targets)} target lists for {len(prompts)} prompts")
-    indices = [resolve_targets(pipe.tokenizer, p, list(t)) for p, t in zip(prompts, targets)]
+    indices = [reg.resolve(p, list(t))["indices"] for p, t in zip(prompts, targets)]
     if not any(indices):
         raise CalibrationError("no target tokens found in the calibration prompts")
     return prompts, indices
@@ -120,23 +128,30 @@ def calibrate(
     guidance_scale: float = 7.5,
     keep: float = 0.5,
     edit_fraction: float = 0.5,
+    **call,
 ) -> dict:
-    """Vanilla runs of `prompts` x `seeds`, every cross-attention layer observed over the first
-    `edit_fraction` of the steps (the ones regulation edits); returns the statistics and the choice."""
+    """Vanilla runs of `prompts` x `seeds`, every cross-attention layer (SD3/FLUX: every joint block)
+    observed over the first `edit_fraction` of the steps (the ones regulation edits); returns the
+    statistics and the choice. `call`: more keywords for the pipeline (height, max_sequence_length, ...)."""
     from .config import RegulationConfig
     from .geometry import cross_attention_layers
+    from .joint import editable_layers, joint_family
     from .regulator import AttentionRegulator
 
-    if getattr(pipe, "unet", None) is None:
-        # SD3/FLUX: not measured yet; their regulator uses the structural rule of joint.py.
-        raise CalibrationError(f"calibration reads a UNet's cross-attention layers; {type(pipe).__name__} has none "
-                               "(SD3 and FLUX use the middle third of their joint blocks, or --layers)")
-    layers = cross_attention_layers(pipe.unet)
+    if getattr(pipe, "unet", None) is not None:
+        layers = cross_attention_layers(pipe.unet)
+        what = f"{type(pipe.unet).__name__} has no cross-attention layer (attn2)"
+    elif joint_family(pipe) is not None:
+        layers = editable_layers(pipe.transformer)
+        what = f"{type(pipe.transformer).__name__} has no joint-attention block"
+    else:
+        raise CalibrationError(f"calibration reads a UNet's cross-attention or an SD3/FLUX transformer's joint "
+                               f"attention; {type(pipe).__name__} has neither")
     if not layers:
-        raise CalibrationError(f"{type(pipe.unet).__name__} has no cross-attention layer (attn2) to calibrate")
-    prompts, indices = _calibration_targets(pipe, prompts, targets)
+        raise CalibrationError(f"{what} to calibrate")
     # A regulator that edits nothing (no plan) and lets the observer see every layer.
     reg = AttentionRegulator(pipe, RegulationConfig(layers=tuple(layers)))
+    prompts, indices = _calibration_targets(reg, prompts, targets)
     observer = LayerStats([], max(1, int(steps * edit_fraction)))
 
     def stop_after_observed(pipe, step, timestep, callback_kwargs):
@@ -152,7 +167,7 @@ def calibrate(
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             reg.run(prompt, None, generator=generators, num_images_per_prompt=len(seeds),
                     num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
-                    callback_on_step_end=stop_after_observed)
+                    callback_on_step_end=stop_after_observed, **call)
     stats = observer.summary()
     stats = {name: stats[name] for name in layers if name in stats}
     return {
@@ -171,9 +186,15 @@ def calibrate(
 # -- where calibrations live ------------------------------------------------------------------------
 
 
+def denoiser(pipe):
+    """The model calibration reads and attnreg.json sits beside: the UNet, or SD3's/FLUX's transformer."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 def model_folder(pipe) -> Path | None:
-    """The local folder the pipeline was loaded from (its UNet's parent), or None."""
-    source = getattr(pipe.unet.config, "_name_or_path", None)
+    """The local folder the pipeline was loaded from (its UNet's or transformer's parent), or None."""
+    source = getattr(denoiser(pipe).config, "_name_or_path", None)
     if not source:
         return None
     folder = Path(source).parent
@@ -181,7 +202,8 @@ def model_folder(pipe) -> Path | None:
 
 
 def model_spec(unet) -> dict:
-    """The model's `attnreg.json` beside the folder its UNet was loaded from (docs/attnreg-json.md), or {}."""
+    """The model's `attnreg.json` beside the folder its UNet (or transformer, `unet` being the pipeline's
+    denoiser) was loaded from (docs/attnreg-json.md), or {}."""
     source = getattr(unet.config, "_name_or_path", None)
     spec = Path(source).parent / "attnreg.json" if source else None
     if spec is None or not spec.is_file():
@@ -190,7 +212,7 @@ def model_spec(unet) -> dict:
 
 
 def model_calibration_prompts(pipe) -> list[str]:
-    return list(model_spec(pipe.unet).get("calibration_prompts") or [])
+    return list(model_spec(denoiser(pipe)).get("calibration_prompts") or [])
 
 
 def cache_dir() -> Path:
@@ -201,9 +223,10 @@ def cache_dir() -> Path:
 
 
 def model_key(pipe) -> str:
-    """A cache key for a model: where it was loaded from plus its UNet's configuration."""
-    source = str(getattr(pipe.unet.config, "_name_or_path", "") or "")
-    config = json.dumps({k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}, sort_keys=True, default=str)
+    """A cache key for a model: where it was loaded from plus its UNet's (or transformer's) configuration."""
+    model = denoiser(pipe)
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    config = json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}, sort_keys=True, default=str)
     return hashlib.sha256(f"{Path(source).parent if source else ''}|{config}".encode()).hexdigest()[:16]
 
 
@@ -213,7 +236,7 @@ def cached_calibration_path(pipe) -> Path:
 
 def find_calibration(pipe) -> dict | None:
     """The model's calibration: its attnreg.json's "calibration", else the user cache's, else None."""
-    found = model_spec(pipe.unet).get("calibration")
+    found = model_spec(denoiser(pipe)).get("calibration")
     if found and found.get("version") == CALIBRATION_VERSION:
         return found
     path = cached_calibration_path(pipe)

@@ -28,10 +28,20 @@ FLUX's "true CFG" (true_cfg_scale > 1 with a negative prompt) runs the negative 
 transformer call, which is refused.
 
 Layers. Every joint block runs at the image-token resolution, so only "which blocks" is a choice. The
-default is a structural rule, the middle third of the joint blocks (SD3 medium's 24: blocks 8..15; at
-least one block). The calibration of the `auto` preset (calibrate.py) reads a UNet's attn2 layers and
-is not run on MMDiT: the structural rule is used there. FLUX's single-stream blocks (text and image in
-one stream) are not edited.
+default is a structural rule, the middle third of the dual-stream joint blocks (SD3 medium's 24: blocks
+8..15; at least one block). With the `auto` preset (layer_choice="calibrated") a calibration the model
+already has (its attnreg.json, or the user cache; `attnreg calibrate` writes one) replaces the rule;
+none is run on first use, as it is for a UNet, because a calibration run on a real MMDiT (every block's
+explicit image x (text + image) attention, 16 generations) costs far more than the call it would serve.
+FLUX's single-stream blocks (`single_transformer_blocks.N`: one sequence, the text tokens first, then
+the image tokens, and the block's attention call gets no encoder_hidden_states) can be named in
+`layers` and are edited the same way: their image-query rows are the rows after the text tokens, and
+the text length is taken from the transformer's own encoder_hidden_states. They are not in the default,
+which is unchanged: nothing has measured that editing them helps (the default is the rule above until a
+calibration says otherwise; calibration ranks them with the dual-stream blocks).
+
+Observers (recorders, calibration) are handed, on every joint layer, the image rows at the text columns
+of the same softmax the regulator edits (text + image keys), whether or not the layer is edited.
 """
 
 from __future__ import annotations
@@ -145,10 +155,32 @@ class TextStream:
     def table(self, prompt: str, length: int) -> list[Token]:
         return token_table(self.tokenizer, prompt) if self.name == "clip" else t5_table(self.tokenizer, prompt, length)
 
+    def width(self, length: int) -> int:
+        """How many columns of the joint text sequence the stream holds (`length`: the T5 length)."""
+        return CLIP_LENGTH if self.name == "clip" else length
+
     def eos(self, prompt: str, length: int) -> int:
         if self.name == "clip":
             return eos_index(self.tokenizer, prompt)
         return len(t5_table(self.tokenizer, prompt, length)) - 1
+
+
+def text_streams(pipe, family: str) -> tuple[TextStream, ...]:
+    """Every stream of the joint text sequence that has a tokenizer, in column order: SD3's CLIP (0..76)
+    and, where the pipeline has a T5 tokenizer, its T5 (77 on); FLUX's T5 (0 on). `pipe` is anything with
+    the pipeline's tokenizer attributes."""
+    if family == "flux":
+        return (TextStream("t5", pipe.tokenizer_2, 0),)
+    clip = TextStream("clip", pipe.tokenizer, 0)
+    t5 = getattr(pipe, "tokenizer_3", None)
+    if t5 is None or getattr(pipe, "text_encoder_3", None) is None:  # without T5 its columns are zeros
+        return (clip,)
+    return (clip, TextStream("t5", t5, CLIP_LENGTH))
+
+
+def word_tokens(stream: TextStream, table: list[Token]) -> list[Token]:
+    """The word tokens of a stream's table: without SOS (CLIP's column 0) and the first EOS."""
+    return table[1:-1] if stream.name == "clip" else table[:-1]
 
 
 def choose_text_stream(pipe, family: str, choice: str | None = None) -> TextStream:
@@ -160,13 +192,12 @@ def choose_text_stream(pipe, family: str, choice: str | None = None) -> TextStre
         return TextStream("t5", pipe.tokenizer_2, 0)
     if choice not in (None, "t5", "clip"):
         raise ValueError(f"text_stream must be 't5' or 'clip', got {choice!r}")
-    has_t5 = getattr(pipe, "text_encoder_3", None) is not None and getattr(pipe, "tokenizer_3", None) is not None
+    streams = {s.name: s for s in text_streams(pipe, family)}
+    has_t5 = "t5" in streams
     if choice == "t5" and not has_t5:
         raise ValueError("text_stream='t5' needs the pipeline's T5 encoder; this SD3 pipeline has text_encoder_3=None "
                          "(its T5 columns are zeros), use 'clip'")
-    if choice == "clip" or not has_t5:
-        return TextStream("clip", pipe.tokenizer, 0)
-    return TextStream("t5", pipe.tokenizer_3, CLIP_LENGTH)
+    return streams["clip"] if choice == "clip" or not has_t5 else streams["t5"]
 
 
 # -- layers --------------------------------------------------------------------------------------------
@@ -179,6 +210,18 @@ def joint_attention_layers(transformer) -> list[str]:
             and getattr(module, "add_k_proj", None) is not None]
 
 
+def single_stream_layers(transformer) -> list[str]:
+    """FLUX's single-stream attention modules ("single_transformer_blocks.2.attn"), in order: one sequence,
+    text tokens first, then image tokens."""
+    return [name for name, _ in transformer.named_modules()
+            if name.startswith("single_transformer_blocks.") and name.endswith(".attn")]
+
+
+def editable_layers(transformer) -> list[str]:
+    """Every attention module whose image queries see the text: the joint blocks, then the single-stream ones."""
+    return joint_attention_layers(transformer) + single_stream_layers(transformer)
+
+
 def default_joint_layers(transformer) -> tuple[str, ...]:
     """The middle third of the joint blocks (at least one): SD3 medium's 24 -> blocks 8..15."""
     names = joint_attention_layers(transformer)
@@ -188,8 +231,9 @@ def default_joint_layers(transformer) -> tuple[str, ...]:
 
 
 def select_joint_layers(transformer, layers: tuple[str, ...] | None) -> frozenset[str]:
-    """The joint attention modules named by `layers`: "transformer_blocks.3", its ".attn", or "3"."""
-    names = joint_attention_layers(transformer)
+    """The attention modules named by `layers`: "transformer_blocks.3", its ".attn", or "3"; on FLUX also
+    "single_transformer_blocks.2" (or its ".attn")."""
+    names = editable_layers(transformer)
     if layers is None:
         return frozenset(default_joint_layers(transformer))
     chosen = set()
@@ -199,10 +243,12 @@ def select_joint_layers(transformer, layers: tuple[str, ...] | None) -> frozense
             entry = f"transformer_blocks.{entry}"
         hits = [n for n in names if n == entry or n.startswith(entry + ".")]
         if not hits:
+            n_joint, n_single = len(joint_attention_layers(transformer)), len(single_stream_layers(transformer))
+            singles = f", single_transformer_blocks.0 .. single_transformer_blocks.{n_single - 1}" if n_single else ""
             raise LayerError(
                 f"{entry!r} is not a joint-attention block of this transformer; valid blocks: "
-                f"transformer_blocks.0 .. transformer_blocks.{len(names) - 1} (or their index, or a full name such "
-                f"as {names[0]!r})")
+                f"transformer_blocks.0 .. transformer_blocks.{n_joint - 1}{singles} (or a joint block's index, or a "
+                f"full name such as {names[0]!r})")
         chosen.update(hits)
     return frozenset(chosen)
 
@@ -250,6 +296,21 @@ def _flux_streams(attn, hidden_states, context, image_rotary_emb):
     return query, key, value, context.shape[1]
 
 
+def _flux_single_streams(attn, hidden_states, image_rotary_emb):
+    """FluxAttnProcessor without encoder_hidden_states (a single-stream block; its one sequence is text
+    then image, as FluxSingleTransformerBlock concatenates them): (q, k, v), (B, S, H, D), RoPE applied."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    query, key, value = _get_qkv_projections(attn, hidden_states, None)[:3]
+    query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
 class JointRegulatedProcessor:
     """Wraps one joint-attention layer's own processor (JointAttnProcessor2_0 for SD3, FluxAttnProcessor
     for FLUX); regulates or records the image-to-text block of its attention when asked.
@@ -261,10 +322,14 @@ class JointRegulatedProcessor:
     When regulation changes nothing, the layer's own processor gives the output, so such a call is the
     plain pipeline's bit for bit. Observers get the image rows x text columns probabilities
     (batch, heads, image tokens, text tokens), softmax taken over the whole joint sequence.
+
+    A FLUX single-stream layer (`single`) gets one sequence, text then image, and no encoder_hidden_states;
+    its text length is the call's (`state.text_tokens`, from the transformer's forward).
     """
 
     def __init__(self, name: str, original, state: RegulationState, family: str, restore_sos: bool):
         self.name, self.original, self.state, self.family = name, original, state, family
+        self.single = name.startswith("single_transformer_blocks.")
         # FLUX: T5 has no SOS and column 0 is a word, which `restore_special` would put back unedited; so
         # regulate_step runs without it and only the EOS column is restored here.
         self.restore_eos_only = not restore_sos and state.config.restore_special
@@ -272,7 +337,7 @@ class JointRegulatedProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         state = self.state
-        joint = encoder_hidden_states is not None
+        joint = encoder_hidden_states is not None or (self.single and state.text_tokens is not None)
         edit = joint and state.edits(self.name)
         observers = state.observed(self.name) if joint else []
         if not edit and not observers:
@@ -290,6 +355,11 @@ class JointRegulatedProcessor:
             (q, k, v), (cq, ck, cv) = _sd3_streams(attn, hidden_states, context)
             n_text = cq.shape[2]
             image_q, keys, values = q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)  # text first
+        elif self.single:
+            query, key, value = _flux_single_streams(attn, hidden_states, rotary)
+            n_text = self.state.text_tokens
+            image_q = query[:, n_text:].transpose(1, 2)
+            keys, values = key.transpose(1, 2), value.transpose(1, 2)  # one sequence, text first
         else:
             query, key, value, n_text = _flux_streams(attn, hidden_states, context, rotary)
             image_q = query[:, n_text:].transpose(1, 2)
@@ -310,11 +380,11 @@ class JointRegulatedProcessor:
         edited = torch.matmul(probs[[rows.index(r) for r in changed]].to(values.dtype), values[changed])  # (r, H, N, D)
         if self.family == "sd3":
             return self._sd3_output(attn, hidden_states, (q, k, v), (cq, ck, cv), changed, edited)
-        return self._flux_output(attn, query, key, value, n_text, changed, edited)
+        return self._flux_output(attn, query, key, value, n_text, changed, edited, self.single)
 
     def _cond_rows(self, batch: int) -> list[int]:
         n = self.state.plan.n_images
-        guided = self.family == "sd3"
+        guided = self.state.guided
         if batch != (2 * n if guided else n):
             what = f"a guidance batch of {2 * n} (unconditional + conditional)" if guided else f"a batch of {n}"
             raise RuntimeError(f"attnreg expected {what}, got {batch}")
@@ -322,7 +392,7 @@ class JointRegulatedProcessor:
 
     def _regulate(self, scores, probs, rows: list[int], n_image: int):
         """regulation.regulate_step per group of images sharing their targets; (probs, batch rows changed)."""
-        first = self.state.plan.n_images if self.family == "sd3" else 0  # where the edited images start
+        first = self.state.plan.n_images if self.state.guided else 0  # where the edited images start
         probs, images = regulate_groups(self.state, self.name, scores, probs, lambda image: rows.index(first + image),
                                         n_image, self.config, self.restore_eos_only)
         return probs, sorted(first + i for i in images)
@@ -343,7 +413,7 @@ class JointRegulatedProcessor:
         return out, context
 
     @staticmethod
-    def _flux_output(attn, query, key, value, n_text, changed, edited):
+    def _flux_output(attn, query, key, value, n_text, changed, edited, single=False):
         # FluxAttnProcessor from the attention on, with the regulated image rows replaced.
         from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -352,12 +422,30 @@ class JointRegulatedProcessor:
                                     parallel_config=FluxAttnProcessor._parallel_config)  # (B, S, H, D)
         out[changed, n_text:] = edited.transpose(1, 2).to(out.dtype)
         out = out.flatten(2, 3).to(query.dtype)
+        if single:  # no encoder_hidden_states: the processor returns the one sequence as it is
+            return out
         context, out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         return out, attn.to_add_out(context.contiguous())
 
 
 # -- the regulator -------------------------------------------------------------------------------------
+
+
+def stream_table(stream: TextStream, prompt: str, length: int) -> list[Token]:
+    """A stream's tokens (SOS/words/EOS as its encoder sees them), indexed by joint text column."""
+    return [Token(t.index + stream.offset, t.text) for t in stream.table(prompt, length)]
+
+
+def joint_token_tables(pipe, family: str, prompt: str, length: int) -> list[tuple[TextStream, list[Token]]]:
+    """Every stream of the joint text sequence with its tokens, indexed by joint text column. `pipe`: the
+    pipeline, or anything with its tokenizer attributes (`attnreg tokens` loads only those)."""
+    return [(s, stream_table(s, prompt, length)) for s in text_streams(pipe, family)]
+
+
+def stream_columns(stream: TextStream, prompt: str, targets: list, length: int) -> list[int]:
+    """The joint text columns of `targets`, looked up in `stream` (a TargetError naming its tokens)."""
+    return [stream.offset + i for i in stream.resolve(prompt, targets, length)]
 
 
 class JointAttentionRegulator(AttentionRegulator):
@@ -376,9 +464,14 @@ class JointAttentionRegulator(AttentionRegulator):
         if self.config.binding > 0:
             raise ConfigError("attribute binding (binding > 0) is not available on SD3/FLUX yet; use binding=0")
         self.stream = choose_text_stream(pipe, self.family, text_stream)
-        # `layer_choice="calibrated"` reads a UNet's attn2 layers (calibrate.py): the structural rule here.
-        self.layers = select_joint_layers(pipe.transformer, self.config.layers)
-        self.state = RegulationState(self.config, self.layers)
+        layers = self.config.layers
+        if layers is None and self.config.layer_choice == "calibrated":
+            from .calibrate import calibrated_layers
+
+            # A calibration the model has; none is run here (see the module docstring): else the rule.
+            layers = calibrated_layers(pipe, allow_run=False)
+        self.layers = self.select_layers(layers)
+        self.state = RegulationState(self.config, self.layers, guided=self.family == "sd3", image_keys=True)
         self.last_targets: list[dict] = []
         self._removed = False
         self._length = self._max_length({})
@@ -397,12 +490,32 @@ class JointAttentionRegulator(AttentionRegulator):
         return info
 
     def _columns(self, prompt: str, targets: list) -> list[int]:
-        return [self.stream.offset + i for i in self.stream.resolve(prompt, targets, self._length)]
+        return stream_columns(self.stream, prompt, targets, self._length)
 
     def token_table(self, prompt: str, max_sequence_length: int | None = None) -> list[Token]:
-        """The stream's tokens as the joint attention sees them, indexed by joint text column."""
+        """The target stream's tokens as the joint attention sees them, indexed by joint text column."""
+        return stream_table(self.stream, prompt, self._length if max_sequence_length is None else max_sequence_length)
+
+    def token_tables(self, prompt: str, max_sequence_length: int | None = None) -> list[tuple[TextStream, list[Token]]]:
+        """Every stream of the joint text sequence with its tokens, indexed by joint text column (SD3: CLIP
+        at 0..76, then T5 from 77; FLUX: T5). `self.stream` is the one targets are looked up in."""
         length = self._length if max_sequence_length is None else max_sequence_length
-        return [Token(t.index + self.stream.offset, t.text) for t in self.stream.table(prompt, length)]
+        return joint_token_tables(self.pipe, self.family, prompt, length)
+
+    def word_tokens(self, prompt: str) -> list[Token]:
+        return word_tokens(self.stream, self.token_table(prompt))
+
+    def select_layers(self, layers) -> frozenset[str]:
+        return select_joint_layers(self.pipe.transformer, None if layers is None else tuple(layers))
+
+    def observable_layers(self) -> list[str]:
+        return editable_layers(self.pipe.transformer)
+
+    @property
+    def maps_are(self) -> str:
+        rows = "the conditional half" if self.family == "sd3" else "the whole (guidance-distilled) batch"
+        return (f"the image-query rows at the {self.stream.name.upper()} text columns of the joint attention (softmax "
+                f"over text + image keys, as regulated), of {rows}")
 
     def _eos(self, resolved: dict) -> int:
         return self.stream.offset + self.stream.eos(resolved["prompt"], self._length)
@@ -443,8 +556,9 @@ class JointAttentionRegulator(AttentionRegulator):
             else:
                 ids = kw["img_ids"]
                 state.latent_hw = (int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1)
+                state.text_tokens = kw["encoder_hidden_states"].shape[1]  # the single-stream blocks' text rows
 
-        joint = set(joint_attention_layers(transformer))
+        joint = set(editable_layers(transformer))
         restore_sos = self.family == "sd3"
         wrapped = {
             key: JointRegulatedProcessor(name, proc, state, self.family, restore_sos)

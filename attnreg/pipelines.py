@@ -162,3 +162,34 @@ def load_pipeline(model: str | Path, device: str = "cpu", dtype: str | torch.dty
         ) from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_text_side(model: str | Path):
+    """For a local SD3 or FLUX folder: (family, its tokenizers, the pipeline's default T5 length), loading
+    the tokenizers only (no text encoder, no transformer); None for any other model. The tokenizers come
+    as an object with the pipeline's attribute names (tokenizer, tokenizer_2, tokenizer_3), and
+    `text_encoder_3` says whether SD3's T5 encoder is there (its columns are zeros without it)."""
+    import inspect
+    from types import SimpleNamespace
+
+    index = Path(os.path.expanduser(str(model))) / "model_index.json"
+    if not (looks_local(model) and index.is_file()):
+        return None
+    spec = json.loads(index.read_text())
+    name = str(spec.get("_class_name", ""))
+    family = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(name)
+    if family is None:
+        return None
+    import diffusers
+    from transformers import AutoTokenizer
+
+    def present(part):
+        entry = spec.get(part)
+        return isinstance(entry, list) and entry[0] is not None
+
+    parts = ("tokenizer", "tokenizer_3") if family == "sd3" else ("tokenizer_2",)
+    with quiet_loading():
+        loaded = {p: AutoTokenizer.from_pretrained(str(index.parent), subfolder=p) if present(p) else None for p in parts}
+    loaded["text_encoder_3"] = True if present("text_encoder_3") else None
+    length = inspect.signature(getattr(diffusers, name).__call__).parameters["max_sequence_length"].default
+    return family, SimpleNamespace(**loaded), int(length)

@@ -57,10 +57,18 @@ class RegulationState:
     previous_best: dict = field(default_factory=dict)  # (layer, targets) -> weights of last step
     observers: list = field(default_factory=list)  # e.g. an attention recorder, see recording.py
     stats: dict = field(default_factory=dict)  # (layer, step, targets) -> (initial loss, best loss), 0-d tensors
+    # How the model's batch and rows are laid out, for the observers (set by the regulator of the family):
+    # guided: the batch is a classifier-free guidance batch (unconditional half first); None: it depends on
+    #   the call (the UNet: guidance_scale > 1), False: never (FLUX's guidance-distilled batch).
+    guided: bool | None = None
+    # image_keys: the rows also attend to the image tokens (joint attention), so a row's softmax spans the
+    #   text and the image columns, of which the observers are handed the text ones.
+    image_keys: bool = False
+    text_tokens: int | None = None  # the call's joint text length, where the model's forward says it (FLUX)
     _bases: dict = field(default_factory=dict)
 
     def start(self, plan: CallPlan | None) -> None:
-        self.plan, self.step, self.latent_hw = plan, 0, None
+        self.plan, self.step, self.latent_hw, self.text_tokens = plan, 0, None, None
         # Each image draws its initial weights from its own stream, so it does not depend on its batch.
         seeds = [] if plan is None else plan.image_seeds or [self.config.seed + i for i in range(plan.n_images)]
         self.generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -76,6 +84,22 @@ class RegulationState:
 
     def observed(self, layer: str) -> list:
         return [o for o in self.observers if o.wants(layer, self.step)]
+
+    def conditional(self, batch: int, guidance: bool = True) -> slice:
+        """The batch rows of the images the call makes (the conditional half of a guidance batch): from the
+        plan when there is one, else from `guided` (`guidance`, the caller's word, where that is None)."""
+        if self.plan is not None:
+            return slice(batch - self.plan.n_images, batch)
+        guided = guidance if self.guided is None else self.guided
+        if not guided:
+            return slice(0, batch)
+        if batch % 2:
+            raise RuntimeError(f"expected a guidance batch (unconditional + conditional), got a batch of {batch}")
+        return slice(batch // 2, batch)
+
+    def row_width(self, n_pixels: int, n_text: int) -> int:
+        """How many key columns a row's softmax spans, given the observers' `n_text` text columns."""
+        return n_text + n_pixels if self.image_keys else n_text
 
     def map_shape(self, n_pixels: int) -> tuple[int, int]:
         """(H, W) of a layer's map from its pixel count and this call's latent size."""

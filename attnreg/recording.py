@@ -15,6 +15,14 @@ What a map is: the conditional half's attention probabilities (after regulation 
 edited), averaged over heads, resized bilinearly to R x R and averaged over the recorded layers:
 the aggregate Figures 2 and 3 of the paper show. The statistics are taken over the R x R pixels of
 that same aggregate (at R = 16 on SD's 16 x 16 layers: the layers' own pixels).
+
+On SD3 and FLUX (joint attention, joint.py) the same recorder records what the joint processor hands
+its observers: the image-query rows at the text columns of the joint text sequence (SD3: 77 CLIP
+columns, then T5; FLUX: T5), with the softmax taken over every key column, text and image, as the
+regulator edits it; so a token index is a column of the joint text sequence (`resolve()["indices"]`)
+and a map's values do not sum to 1 over the text columns (the image columns hold the rest). FLUX's
+batch has no unconditional half: every image is recorded. `per_layer=True` also keeps each layer's
+own map at `steps` (`layer_maps`), before the layers are averaged.
 """
 
 from __future__ import annotations
@@ -35,14 +43,17 @@ class AttentionRecorder:
         every cross-attention layer. Maps of different sizes are resized to `resolution` before the
         layers are averaged.
     steps: the denoising steps (0-based) whose maps are kept.
-    tokens: token indices (0..76) to keep; None keeps all 77.
+    tokens: token indices (the columns the layer's observers are handed: 0..76 on a UNet, the joint text
+        columns on SD3/FLUX) to keep; None keeps every column.
     resolution: R, or (H, W), of the stored maps.
     stats_steps: steps whose per-token mean, max and 90th percentile over pixels are kept; None:
         the same as `steps`; "all": every step.
     values_steps: steps whose raw per-pixel values are kept (for violin plots); default none.
+    per_layer: also keep each recorded layer's own (resized) map at `steps`, in `layer_maps`.
     guidance: the call uses classifier-free guidance, so the conditional half is the second half of
-        the batch. Only consulted when the regulator has no plan (a vanilla run): with a plan, its
-        n_images says where the conditional half starts.
+        the batch. Only consulted when the regulator has no plan (a vanilla run) and the model does not
+        say (FLUX's batch is never a guidance batch): with a plan, its n_images says where the
+        conditional half starts.
 
     Memory: maps 4 * len(steps) * n_tokens * R^2 * n_images bytes, values the same with
     len(values_steps), stats 4 * 3 * len(stats_steps) * n_tokens * n_images, plus one step's
@@ -58,6 +69,7 @@ class AttentionRecorder:
         stats_steps: Iterable[int] | str | None = None,
         values_steps: Iterable[int] = (),
         guidance: bool = True,
+        per_layer: bool = False,
     ):
         self.layers = None if layers is None else tuple(str(x).removesuffix(".processor") for x in layers)
         if self.layers is not None and not self.layers:
@@ -65,9 +77,9 @@ class AttentionRecorder:
         self.steps = frozenset(_steps(steps, "steps"))
         self.tokens = None if tokens is None else [int(t) for t in tokens]
         if self.tokens is not None:
-            bad = [t for t in self.tokens if not 0 <= t < 77]
+            bad = [t for t in self.tokens if t < 0]
             if bad or not self.tokens:
-                raise ValueError(f"tokens must be a non-empty list of indices in 0..76, got {list(tokens)}")
+                raise ValueError(f"tokens must be a non-empty list of token indices >= 0, got {list(tokens)}")
         self.resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         if len(self.resolution) != 2 or min(self.resolution) < 1:
             raise ValueError(f"resolution must be a positive int or (height, width), got {resolution!r}")
@@ -81,6 +93,7 @@ class AttentionRecorder:
             self.stats_steps = frozenset(_steps(stats_steps, "stats_steps"))
         self.values_steps = frozenset(_steps(values_steps, "values_steps"))
         self.guidance = guidance
+        self.per_layer = per_layer
         self.reset()
 
     # -- results --------------------------------------------------------------------------------
@@ -90,6 +103,7 @@ class AttentionRecorder:
         self._stats: dict[int, dict[str, torch.Tensor]] = {}
         self._values: dict[int, torch.Tensor] = {}
         self.recorded_layers: dict[int, list[str]] = {}  # step -> layers averaged into it
+        self.layer_maps: dict[int, dict[str, torch.Tensor]] = {}  # per_layer: step -> layer -> (n_images, n_tokens, H, W)
         self._sum: torch.Tensor | None = None
         self._sum_step: int | None = None
         self._count = 0
@@ -153,18 +167,24 @@ class AttentionRecorder:
         except ValueError:
             raise KeyError(f"token {token} was not recorded; recorded tokens: {self.tokens}") from None
 
+    def layer_nbytes(self) -> int:
+        """Bytes held by the per-layer maps (`per_layer`), which `nbytes` does not count."""
+        return sum(t.numel() * t.element_size() for per in self.layer_maps.values() for t in per.values())
+
     def nbytes(self) -> int:
-        """Bytes held by the stored maps, statistics and values (the running sum excluded)."""
+        """Bytes held by the stored maps, statistics and values (the running sum and the per-layer maps
+        excluded: see `layer_nbytes`)."""
         self.finish()
         total = sum(t.numel() * t.element_size() for t in self.maps.values())
         total += sum(t.numel() * t.element_size() for t in self.values.values())
         total += sum(t.numel() * t.element_size() for d in self.stats.values() for t in d.values())
         return total
 
-    def bound(self, n_images: int, n_steps_total: int | None = None) -> int:
+    def bound(self, n_images: int, n_steps_total: int | None = None, n_columns: int = 77) -> int:
         """The most bytes this recorder can store for `n_images` images (and, for stats_steps="all",
-        a call of `n_steps_total` steps): what was asked for, nothing more."""
-        n_tokens = 77 if self.tokens is None else len(self.tokens)
+        a call of `n_steps_total` steps): what was asked for, nothing more (per_layer maps not counted).
+        n_columns: the text columns the layers hand over, when every token is recorded (77 on a UNet)."""
+        n_tokens = n_columns if self.tokens is None else len(self.tokens)
         pixels = self.resolution[0] * self.resolution[1]
         if self.stats_steps is None:
             if n_steps_total is None:
@@ -202,23 +222,20 @@ class AttentionRecorder:
     def record(self, layer: str, step: int, probs: torch.Tensor, state) -> None:
         if self._sum_step is not None and step != self._sum_step:
             self.finish()
-        batch, _heads, n_pixels, _ = probs.shape
-        plan = getattr(state, "plan", None)
-        if plan is not None:
-            cond = probs[batch - plan.n_images :]
-        elif self.guidance:
-            if batch % 2:
-                raise RuntimeError(f"expected a guidance batch (unconditional + conditional), got a batch of {batch}")
-            cond = probs[batch // 2 :]
-        else:
-            cond = probs
+        batch, _heads, n_pixels, n_columns = probs.shape
+        cond = probs[state.conditional(batch, self.guidance)]
         if self.tokens is not None:
+            if max(self.tokens) >= n_columns:
+                raise ValueError(f"token {max(self.tokens)} is not a column of layer {layer}'s attention "
+                                 f"({n_columns} text columns)")
             cond = cond[..., self.tokens]
         cond = cond.mean(dim=1)  # heads
         h, w = state.map_shape(n_pixels)
         maps = cond.transpose(1, 2).reshape(cond.shape[0], cond.shape[2], h, w).float()
         if (h, w) != self.resolution:
             maps = F.interpolate(maps, size=self.resolution, mode="bilinear", align_corners=False)
+        if self.per_layer and step in self.steps:
+            self.layer_maps.setdefault(step, {})[layer] = maps.cpu().clone()
         # The running sum stays on the pipeline's device (one transfer per step, in finish()).
         if self._sum is None:
             self._sum, self._sum_step, self._count = maps, step, 0

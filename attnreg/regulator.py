@@ -112,7 +112,7 @@ class AttentionRegulator:
             from .calibrate import calibrated_layers
 
             layers = calibrated_layers(pipe)  # None when it cannot be had: the structural rule below
-        self.layers = select_layers(pipe.unet, layers)
+        self.layers = self.select_layers(layers)
         self.state = RegulationState(self.config, self.layers)
         self.last_targets: list[dict] = []
         self._removed = False
@@ -141,6 +141,23 @@ class AttentionRegulator:
     def token_table(self, prompt: str) -> list:
         """The prompt's tokens as the cross-attention sees them, indexed by column."""
         return token_table(self.pipe.tokenizer, prompt)
+
+    def word_tokens(self, prompt: str) -> list:
+        """The prompt's word tokens (the token table without its special tokens), indexed by column."""
+        return self.token_table(prompt)[1:-1]
+
+    def select_layers(self, layers) -> frozenset[str]:
+        """The attention modules named by `layers` (None: the model's default); a LayerError otherwise."""
+        return select_layers(self.pipe.unet, None if layers is None else tuple(layers))
+
+    def observable_layers(self) -> list[str]:
+        """Every layer an observer can be shown (in forward order)."""
+        return cross_attention_layers(self.pipe.unet)
+
+    @property
+    def maps_are(self) -> str:
+        """What an observer's probabilities are, in words (explain.json says it)."""
+        return "the cross-attention of the conditional half"
 
     def _within_reach(self, prompt: str, nouns: list[str]) -> list[str]:
         """Automatic targets the text encoder sees: a noun past the tokenizer's truncation is dropped with a

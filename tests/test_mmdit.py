@@ -311,8 +311,177 @@ def test_flux_true_cfg_and_image_variants_are_refused(flux):
             AttentionRegulator(variant(**{k: v for k, v in flux.components.items() if v is not None}))
 
 
-def test_calibration_names_the_mmdit_rule(sd3):
-    from attnreg.calibrate import CalibrationError, calibrate
+# -- FLUX's single-stream blocks ---------------------------------------------------------------------
 
-    with pytest.raises(CalibrationError, match="StableDiffusion3Pipeline has none.*middle third"):
-        calibrate(sd3)
+
+def test_flux_single_stream_block_is_edited_and_remove_restores_it(flux):
+    from attnreg.joint import editable_layers
+
+    assert editable_layers(flux.transformer)[-1] == "single_transformer_blocks.0.attn"
+    assert AttentionRegulator(flux).layers == {"transformer_blocks.1.attn"}  # the default is unchanged
+    originals = processors(flux)
+    plain = images(flux, FLUX_PROMPT)
+    reg = AttentionRegulator(flux, RegulationConfig.from_preset("paper", edit_steps=2,
+                                                                layers=("single_transformer_blocks.0",)))
+    assert reg.layers == {"single_transformer_blocks.0.attn"}
+    columns = reg.resolve(FLUX_PROMPT, ["circle", "square"])["indices"]
+    mass = TargetMass(columns, steps=2, guided=False, per_column=True)
+    with reg.observing(mass):
+        out = reg(FLUX_PROMPT, targets=["circle", "square"], generator=gen(), output_type="np", **CALL).images
+    assert np.abs(out - plain).max() > 1e-3
+    assert sorted({(layer, step) for layer, step, _ in reg.state.stats}) == [("single_transformer_blocks.0.attn", s) for s in (0, 1)]
+    assert len(mass.values) == 2 and np.isfinite(mass.values).all()
+    assert_untouched(flux, originals)
+    reg.remove()
+    np.testing.assert_array_equal(images(flux, FLUX_PROMPT), plain)  # bit for bit
+    with pytest.raises(LayerError, match=r"single_transformer_blocks.0 .. single_transformer_blocks.0"):
+        AttentionRegulator(flux, RegulationConfig(layers=("single_transformer_blocks.4",)))
+
+
+def test_flux_single_stream_explicit_path_mirrors_the_diffusers_processor(flux):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from attnreg.joint import _flux_single_streams
+
+    torch.manual_seed(0)
+    n_text, side = 7, 4
+    rows, cols = torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij")
+    grid = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
+    rotary = flux.transformer.pos_embed(torch.cat([torch.zeros(n_text, 3), grid]))
+    attn = flux.transformer.get_submodule("single_transformer_blocks.0.attn")
+    assert isinstance(attn.processor, FluxAttnProcessor)
+    hidden = torch.randn(2, n_text + side * side, 32)  # text then image, as FluxSingleTransformerBlock concatenates
+    want = attn.processor(attn, hidden, None, None, rotary)
+    query, key, value = _flux_single_streams(attn, hidden, rotary)
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    edited = (q[:, :, n_text:] @ k.transpose(-1, -2) / 16**0.5).softmax(-1) @ v
+    got = JointRegulatedProcessor._flux_output(attn, query, key, value, n_text, [0, 1], edited, single=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- recording and explain ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_recorder_maps_are_the_probabilities_regulate_step_sees(family, sd3, flux, monkeypatch):
+    """The recorder's per-layer map at an edited layer and step is the head mean of the probabilities
+    regulate_step hands back (rows over every key column, text + image), at the target columns; over all
+    text columns it sums to the text share of those rows, less than 1 (the image keys hold the rest)."""
+    import attnreg.processor
+    from attnreg.recording import AttentionRecorder
+
+    pipe, prompt = (sd3, PROMPT) if family == "sd3" else (flux, FLUX_PROMPT)
+    seen = []
+    real = attnreg.processor.regulate_step
+
+    def spy(scores, probs, *args, **kwargs):
+        done = real(scores, probs, *args, **kwargs)
+        seen.append((probs.clone(), None if done is None else done.probs.clone()))
+        return done
+
+    monkeypatch.setattr(attnreg.processor, "regulate_step", spy)
+    reg = AttentionRegulator(pipe, RegulationConfig.from_preset("paper", edit_steps=1))
+    (layer,) = reg.layers
+    columns = reg.resolve(prompt, ["circle", "square"])["indices"]
+    targets = AttentionRecorder(layers=[layer], steps=[0], tokens=columns, resolution=16, per_layer=True)
+    every = AttentionRecorder(layers=[layer], steps=[0], resolution=16)
+    with targets.attached(reg), every.attached(reg):
+        reg(prompt, targets=["circle", "square"], generator=gen(), output_type="np", **CALL)
+    (before, after), = seen  # one edited layer call: step 0
+    if family == "flux":  # T5 has no SOS: regulate_step runs without restore_special and only EOS is put back after it
+        eos = reg._eos(reg.last_targets[0])
+        after[..., eos] = before[..., eos]
+    heads = pipe.transformer.get_submodule(layer).heads
+    assert before.shape[0] == heads and before.shape[1] == 256  # (images x heads, image tokens, text + image keys)
+    n_text = every.map(0).shape[1]
+    assert before.shape[2] > n_text  # the image keys are in the softmax ...
+    torch.testing.assert_close(before.sum(-1), torch.ones(heads, 256))  # ... which sums to 1 over all of them
+    want = after.mean(0)[:, columns].T.reshape(len(columns), 16, 16)
+    torch.testing.assert_close(targets.layer_maps[0][layer][0], want)
+    torch.testing.assert_close(targets.map(0)[0], want)  # one layer: the average is that layer's map
+    text_share = every.map(0)[0].sum(0)
+    torch.testing.assert_close(text_share, after.mean(0)[:, :n_text].sum(-1).reshape(16, 16))
+    assert (text_share < 1).all()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_explain_on_mmdit_writes_its_figures_and_numbers(family, sd3, flux, tmp_path):
+    import json
+
+    from attnreg.explain import FILES, explain
+
+    pipe, prompt = (sd3, PROMPT) if family == "sd3" else (flux, FLUX_PROMPT)
+    ex = explain(pipe, prompt, targets=["circle", "square"], seed=1, config=RegulationConfig.from_preset("paper", iterations=4),
+                 out=tmp_path, **CALL)
+    assert [p.name for p in ex.files] == list(FILES) and all((tmp_path / f).stat().st_size > 0 for f in FILES)
+    numbers = json.loads((tmp_path / "explain.json").read_text())
+    columns = [79, 83] if family == "sd3" else [0, 5]  # T5 columns of the joint text sequence
+    assert numbers["targets"]["indices"] == columns and "joint attention" in numbers["maps"]
+    words = ["a", "red", "circle", "and", "a", "blue", "square"] if family == "sd3" else ["circle", "next", "to", "a", "blue", "square"]
+    for run in ("vanilla", "regulated"):
+        tokens = numbers["runs"][run]["tokens"]
+        assert [t["token"] for t in tokens] == words
+        assert all(0 <= v <= 1 and len(t["max"]) == STEPS for t in tokens for v in t["mean"] + t["max"])
+        per_layer = numbers["runs"][run]["per_layer"]
+        assert list(per_layer) == ["transformer_blocks.1.attn"]
+        assert sorted(per_layer["transformer_blocks.1.attn"]) == sorted(str(c) for c in columns)
+    van = {t["token"]: t for t in numbers["runs"]["vanilla"]["tokens"]}
+    reg = {t["token"]: t for t in numbers["runs"]["regulated"]["tokens"]}
+    assert reg["circle"]["mean"][0] > 2 * van["circle"]["mean"][0]  # the paper preset raises it at the edited step
+    assert len(ex.diagnosis) == 2 and all(ex.previews["vanilla"])
+    plain = pipe(prompt, generator=gen(1), **CALL).images[0]
+    assert np.array_equal(np.asarray(plain), np.asarray(ex.images["vanilla"]))
+
+
+# -- tokens and calibration through the command line (a tiny SD3 saved as a folder) ------------------
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(sd3, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    sd3.save_pretrained(folder)
+    return folder
+
+
+def test_tokens_shows_both_sd3_streams_and_the_flux_one(sd3_folder, flux, capsys):
+    from attnreg.cli import main
+
+    assert main(["tokens", PROMPT, "--model", str(sd3_folder), "--targets", "circle,square",
+                 "--max-sequence-length", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "targets are looked up in T5" in out
+    assert "CLIP (columns 0..76, not searched for targets)" in out and "T5 (columns 77..108, the target stream)" in out
+    assert "    0  <|startoftext|>" in out and "    3  circle" in out and "   79  circle" in out and "   84  </s>" in out
+    assert out.strip().endswith("targets (T5 columns): [79, 83]")
+    assert main(["tokens", PROMPT, "--model", str(sd3_folder), "--targets", "circle", "--text-stream", "clip"]) == 0
+    assert capsys.readouterr().out.strip().endswith("targets (CLIP columns): [3]")
+    # FLUX: the regulator's own hook, T5 alone from column 0
+    (stream, table), = AttentionRegulator(flux).token_tables(FLUX_PROMPT)
+    assert stream.name == "t5" and [t.index for t in table][:2] == [0, 1] and table[0].text == "circle"
+
+
+def test_calibration_writes_and_the_regulator_reads_attnreg_json(sd3_folder, tmp_path, capsys):
+    import json
+
+    from attnreg.calibrate import calibrate
+    from attnreg.cli import main
+    from attnreg.joint import editable_layers
+    from attnreg.pipelines import load_pipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPT + "\n")
+    assert main(["calibrate", "--model", str(sd3_folder), "--prompts", str(prompts), "--seeds", "0",
+                 "--steps", "2", "--keep", "0.9"]) == 0
+    out = capsys.readouterr().out
+    spec = json.loads((sd3_folder / "attnreg.json").read_text())["calibration"]
+    pipe = load_pipeline(sd3_folder)
+    assert list(spec["layer_stats"]) == editable_layers(pipe.transformer) and "transformer_blocks.0.attn" in out
+    assert spec["layers"] and all(s["contrast"] > 0 and s["map"] == "16x16" for s in spec["layer_stats"].values())
+    best = max(s["contrast"] for s in spec["layer_stats"].values())
+    assert spec["layers"] == [n for n, s in spec["layer_stats"].items() if s["contrast"] >= 0.9 * best]
+    # the auto preset edits the calibrated blocks; the paper preset keeps the structural rule
+    assert AttentionRegulator(pipe).layers == set(spec["layers"])
+    assert AttentionRegulator(pipe, RegulationConfig.from_preset("paper")).layers == {"transformer_blocks.1.attn"}
+    # the same statistics in-process, on the T5 columns the regulator edits
+    again = calibrate(pipe, prompts=[PROMPT], seeds=[0], steps=2, keep=0.9)
+    assert again["layers"] == spec["layers"]

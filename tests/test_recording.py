@@ -138,7 +138,7 @@ def test_attached_detaches_on_error(pipe):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="tokens"):
-        AttentionRecorder(tokens=[80])
+        AttentionRecorder(tokens=[-1])
     with pytest.raises(ValueError, match="resolution"):
         AttentionRecorder(resolution=0)
     with pytest.raises(ValueError, match="stats_steps"):

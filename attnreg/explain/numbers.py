@@ -7,9 +7,10 @@ RUNS = ("vanilla", "regulated")  # the plain run first, then the regulated one f
 
 
 def explain_numbers(*, prompt, info, seed, steps, edit_steps, steps_shown, violin_steps, layers, words, recorders,
-                    config, seconds, per_word) -> dict:
-    """explain.json (without the diagnosis): the settings, and per run and word token its mean, max and p90
-    attention at every step."""
+                    config, seconds, per_word, maps_are="the cross-attention of the conditional half") -> dict:
+    """explain.json (without the diagnosis): the settings, per run and word token its mean, max and p90
+    attention at every step, and per run, recorded layer and target token its mean and max at the shown
+    steps (`per_layer`, where the recorder kept each layer's map)."""
     runs = {}
     for run, recorder in recorders.items():
         recorded_steps, _ = recorder.statistic("mean")
@@ -22,6 +23,9 @@ def explain_numbers(*, prompt, info, seed, steps, edit_steps, steps_shown, violi
         dominant = {str(s): dominant_token(recorder, words, s)[1] for s in violin_steps}
         runs[run] = {"seconds_with_recording": round(seconds[run], 3), "recorded_bytes": recorder.nbytes(),
                      "steps": recorded_steps, "dominant_at_violin_steps": dominant, "tokens": tokens}
+        if recorder.layer_maps:
+            runs[run]["per_layer_bytes"] = recorder.layer_nbytes()
+            runs[run]["per_layer"] = _per_layer(recorder, info["indices"], steps_shown)
     return {
         "prompt": prompt,
         "seed": seed,
@@ -32,10 +36,25 @@ def explain_numbers(*, prompt, info, seed, steps, edit_steps, steps_shown, violi
         "steps_shown": steps_shown,
         "violin_steps": violin_steps,
         "recorded_layers": layers,
-        "statistics": "over the pixels of the head- and layer-averaged map of the conditional half",
+        "maps": maps_are,
+        "statistics": "over the pixels of the head- and layer-averaged map",
         "config": config.to_dict(),
         "runs": runs,
     }
+
+
+def _per_layer(recorder, targets, steps_shown) -> dict:
+    """{layer: {target token index: {"mean": [...], "max": [...]}}} over the pixels of each layer's own
+    head-averaged map, at the shown steps."""
+    out: dict = {}
+    for step in steps_shown:
+        for layer, maps in recorder.layer_maps.get(step, {}).items():
+            for index in targets:
+                m = maps[0, recorder.token_index(index)]
+                entry = out.setdefault(layer, {}).setdefault(str(index), {"mean": [], "max": []})
+                entry["mean"].append(round(float(m.mean()), 5))
+                entry["max"].append(round(float(m.max()), 5))
+    return out
 
 
 def _peak(recorder, words, indices, step) -> float:

@@ -13,8 +13,7 @@ import torch
 from ..config import RegulationConfig
 from ..figures import MAP_SCALES, maps_figure, side_by_side, stats_figure
 from ..recording import AttentionRecorder
-from ..regulator import AttentionRegulator, select_layers
-from ..tokens import resolve_targets, token_table
+from ..regulator import AttentionRegulator
 from .numbers import RUNS, diagnose, explain_numbers
 
 PAPER_STEPS_SHOWN = (0, 5, 15, 25, 35, 49)  # Figure 3, 50 steps
@@ -33,7 +32,8 @@ class Explanation:
     edit_steps: int
     steps_shown: list[int]
     violin_steps: list[int]
-    layers: list[str]  # the recorded cross-attention layers (their maps are averaged)
+    layers: list[str]  # the recorded attention layers (their maps are averaged; each is kept in
+    # recorders[run].layer_maps at the shown steps, and its target numbers are in numbers["per_layer"])
     tokens: list[tuple[int, str]]  # the prompt's word tokens (index, text)
     images: dict  # run -> final PIL image
     previews: dict  # run -> [PIL image per shown step]
@@ -74,6 +74,7 @@ class _Plan:
     resolution: int | tuple[int, int]
     preview: str
     call: dict  # the pipeline's keywords
+    maps_are: str  # what the recorded maps are, in words (the regulator says)
 
 
 def default_steps_shown(steps: int) -> list[int]:
@@ -105,12 +106,14 @@ def explain(
     map_scale: str = "panel",
     **pipeline_kwargs,
 ) -> Explanation:
-    """Run `prompt` plainly and regulated from the same seed, recording the cross-attention.
+    """Run `prompt` plainly and regulated from the same seed, recording the cross-attention (on SD3 and
+    FLUX: the image-to-text part of the joint attention, at the columns of the stream the targets are
+    looked up in; see recording.py).
 
     targets: words (or token indices) to regulate; None: the prompt's nouns.
     steps_shown: the steps of maps.png (default Figure 3's, scaled to num_inference_steps).
     violin_steps: the two steps of stats.png (default: 0 and the last edited step).
-    record_layers: blocks or attn2 modules whose maps are averaged (default: the edited layers).
+    record_layers: blocks or attention modules whose maps are averaged (default: the edited layers).
     resolution: side of the recorded maps (the height, for a non-square image), or (height, width).
     preview: "latents" decodes the current latents after each shown step (as Figure 3), "x0" the
         scheduler's prediction of the clean sample where it gives one (DDIM, Euler, ...).
@@ -161,10 +164,11 @@ def _plan(reg, prompt, targets, seed, steps_shown, violin_steps, record_layers, 
     height, width = call.get("height"), call.get("width")
     if isinstance(resolution, int) and height and width and height != width:
         resolution = (resolution, max(1, round(resolution * width / height)))  # keep the image's aspect
-    layers = sorted(reg.layers if record_layers is None else select_layers(reg.pipe.unet, tuple(record_layers)))
+    layers = sorted(reg.layers if record_layers is None else reg.select_layers(record_layers))
     return _Plan(prompt=prompt, seed=seed, steps=steps, edit_steps=edit_steps, steps_shown=steps_shown,
                  violin_steps=violin_steps, info=info, words=words, per_word=per_word, layers=layers,
-                 resolution=resolution, preview=preview, call=dict(call, num_inference_steps=steps))
+                 resolution=resolution, preview=preview, call=dict(call, num_inference_steps=steps),
+                 maps_are=reg.maps_are)
 
 
 def _chosen_steps(steps: int, edit_steps: int, steps_shown, violin_steps) -> tuple[list[int], list[int]]:
@@ -185,11 +189,10 @@ def _targets(reg, prompt: str, targets) -> tuple[dict, list[tuple[int, str]], di
     info = reg.resolve(prompt, targets)
     if not info["indices"]:
         raise ValueError(f"no targets given or found in {prompt!r}; pass targets=[...]")
-    table = token_table(reg.pipe.tokenizer, prompt)
-    words = [(t.index, t.text) for t in table[1:-1]]
+    words = [(t.index, t.text) for t in reg.word_tokens(prompt)]
     if not words:
         raise ValueError("the prompt has no word tokens")
-    per_word = {str(w): resolve_targets(reg.pipe.tokenizer, prompt, [w]) for w in info["targets"]}
+    per_word = {str(w): reg.resolve(prompt, [w])["indices"] for w in info["targets"]}
     return info, words, per_word
 
 
@@ -197,7 +200,7 @@ def _run_once(reg, plan: _Plan, run: str) -> tuple:
     """One run, "vanilla" or "regulated", recorded: (recorder, final image, previews, seconds)."""
     recorder = AttentionRecorder(
         layers=plan.layers, steps=plan.steps_shown, tokens=[i for i, _ in plan.words], resolution=plan.resolution,
-        stats_steps="all", values_steps=plan.violin_steps,
+        stats_steps="all", values_steps=plan.violin_steps, per_layer=True,
     )
     latents = {}
 
@@ -214,7 +217,8 @@ def _run_once(reg, plan: _Plan, run: str) -> tuple:
         else:
             result = reg(plan.prompt, targets=plan.info["targets"], generator=_generator(plan.seed), **call)
         seconds = time.perf_counter() - start
-    previews = [decode_latents(reg.pipe, latents[s]) if s in latents else None for s in plan.steps_shown]
+    size = plan.call.get("height"), plan.call.get("width")
+    previews = [decode_latents(reg.pipe, latents[s], *size) if s in latents else None for s in plan.steps_shown]
     return recorder, result.images[0], previews, seconds
 
 
@@ -223,7 +227,7 @@ def _explanation(plan: _Plan, config, recorders, images, previews, seconds, map_
     numbers = explain_numbers(
         prompt=plan.prompt, info=plan.info, seed=plan.seed, steps=plan.steps, edit_steps=plan.edit_steps,
         steps_shown=plan.steps_shown, violin_steps=plan.violin_steps, layers=plan.layers, words=plan.words,
-        recorders=recorders, config=config, seconds=seconds, per_word=plan.per_word,
+        recorders=recorders, config=config, seconds=seconds, per_word=plan.per_word, maps_are=plan.maps_are,
     )
     diagnosis = diagnose(recorders, plan.words, plan.per_word, plan.violin_steps)
     numbers["diagnosis"] = diagnosis
@@ -276,9 +280,14 @@ class _x0_capture:
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor):
-    """A PIL image of (1, C, h, w) latents through the pipeline's VAE."""
+def decode_latents(pipe, latents: torch.Tensor, height: int | None = None, width: int | None = None):
+    """A PIL image of (1, C, h, w) latents through the pipeline's VAE. FLUX's packed (1, tokens, C * 4)
+    latents are unpacked first, with the pipeline's own `_unpack_latents`, for an image of `height` x
+    `width` pixels (default: the pipeline's default size)."""
     vae = pipe.vae
+    if latents.ndim == 3:
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        latents = pipe._unpack_latents(latents, height or default, width or default, pipe.vae_scale_factor)
     z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
