@@ -12,10 +12,14 @@ Two models:
     three-object prompts, the calibrated layer: issue 12's first row.
 
 Methods: sd; auto (the default, fast path on); auto-exact (fast=False, issue 9's solver); paper; and on
-request auto-every / auto-exact-every. They are timed in turn within each repeat (drift hits all alike);
+request auto-every / auto-exact-every, and auto-compiled(-every) (compile="on": torch.compile also on CPU; no
+dispatch-mode operator count, since torch.compile does not run under one: benchmarks/compiled_edit.py
+counts the edit's launches alone; the profiler column counts them in the whole pipeline). They are timed in turn within each repeat (drift hits all alike);
 seconds per image are medians over repeats. Then, per method, the ATen operator calls that compute (each at
 least one kernel launch on a GPU; views apart) per image, with the extra over sd extrapolated to 50 steps
-(the extra is per edited layer call, so it scales with the edited steps), and the peak RSS of a fresh
+(the extra is per edited layer call, so it scales with the edited steps); the same as kernel launches counted
+by the profiler (`count_launches`: leaf ATen operators plus inductor's generated kernels), the one
+count that also covers the compiled rows; and the peak RSS of a fresh
 process that builds the pipeline and makes one image with that method (ru_maxrss; on CUDA, the peak of
 allocated memory in this process).
 
@@ -44,7 +48,7 @@ from attnreg import AttentionRegulator, RegulationConfig
 from attnreg.tokenizer import load_clip_tokenizer
 
 PROMPT, TARGETS = "a painting of an elephant with glasses", ["elephant", "glasses"]
-METHODS = ("sd", "auto", "auto-exact", "paper", "auto-every", "auto-exact-every")
+METHODS = ("sd", "auto", "auto-exact", "paper", "auto-every", "auto-exact-every", "auto-compiled", "auto-compiled-every")
 
 
 def sd15_pipeline(device: str, dtype: torch.dtype):
@@ -94,6 +98,39 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# Leaf operators that allocate, alias or hand back their input, and launch nothing.
+NO_LAUNCH = {"empty", "empty_strided", "empty_like", "to", "lift_fresh", "detach", "detach_", "alias", "resolve_conj",
+             "resolve_neg", "set_", "result_type", "is_nonzero"}
+
+
+def _launches_a_kernel(name: str) -> bool:
+    """An ATen operator by its profiler name ("aten::softmax"): False for views, reshapes and NO_LAUNCH."""
+    short = name.split("::")[-1]
+    if short in NO_LAUNCH or f"aten.{short}" in NO_KERNEL:
+        return False
+    packet = getattr(torch.ops.aten, short, None)
+    return packet is None or not packet.overloads() or not getattr(packet, packet.overloads()[0]).is_view
+
+
+def count_launches(run) -> int:
+    """Kernel launches of `run()`, counted one way for eager and compiled code alike (the profiler): the
+    ATen operators that call no other ATen operator (the ones that do the work), views and allocations
+    apart, plus every kernel inductor generated (its C++ kernel profiling on, or a Triton kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = list(prof.events())
+    calls_aten = {id(e.cpu_parent) for e in events if e.cpu_parent is not None and e.name.startswith("aten::")}
+    total = 0
+    for e in events:
+        if "cpp_fused" in e.name or e.name.startswith("triton_"):
+            total += 1
+        elif e.name.startswith("aten::") and id(e) not in calls_aten and _launches_a_kernel(e.name):
+            total += 1
+    return total
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -127,6 +164,8 @@ def config_of(method: str, layers) -> RegulationConfig:
     overrides = {} if layers is None else {"layers": layers}
     if method.startswith("auto-exact"):
         overrides["fast"] = False
+    if method.startswith("auto-compiled"):
+        overrides["compile"] = "on"  # torch.compile on any device; its warm-up call pays the compiling
     if method.endswith("-every"):
         overrides["neglect_ratio"] = None  # every call edited
     return RegulationConfig.from_preset(preset, **overrides)
@@ -186,6 +225,9 @@ def main(argv=None) -> int:
         print(f"PEAK {peak_memory_mb(args.device):.1f}")
         return 0
 
+    import torch._inductor.config as inductor
+
+    inductor.cpp.enable_kernel_profile = True  # the compiled rows' C++ kernels show in the profiler's count
     _, methods, n_layers, what, per_repeat = build(args)
     times = {m: [] for m in methods}
     if not args.no_time:
@@ -199,9 +241,14 @@ def main(argv=None) -> int:
                 sync(args.device)
                 times[name].append((time.perf_counter() - start) / per_repeat)
 
-    ops, views = {}, {}
+    ops, views, launches = {}, {}, {}
     if not args.no_count:
         for name, run in methods.items():
+            if "compiled" in name and args.no_time:
+                run()  # compile first: compiling runs operators of its own
+            launches[name] = count_launches(run) / per_repeat
+            if "compiled" in name:
+                continue  # torch.compile refuses to run under a dispatch mode: see benchmarks/compiled_edit.py
             with OpCounter() as counter:
                 run()
             ops[name] = sum(counter.counts.values()) / per_repeat
@@ -225,17 +272,20 @@ def main(argv=None) -> int:
           f"guidance 7.5, {args.dtype}, {args.device} ({device_name}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {0 if args.no_time else args.repeats}")
     print("| method | s / image (median) | min | max | ratio vs sd | peak RSS MB (own process) | vs sd "
-          "| ATen compute ops / image | extra | extra at 50 steps | extra per edited layer call |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ATen compute ops / image | extra | extra at 50 steps | extra per edited layer call "
+          "| launches / image (profiler) | extra at 50 steps |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in methods:
         t = times[name]
         ratio = med[name] / med["sd"] if t else None
-        extra = ops[name] - ops["sd"] if ops else None
+        extra = ops[name] - ops["sd"] if name in ops else None
         mem = memory.get(name)
         print(f"| {name} | {fmt(med[name])} | {fmt(min(t) if t else None)} | {fmt(max(t) if t else None)} | {fmt(ratio)} "
               f"| {fmt(mem, '{:.0f}')} | {fmt(mem / memory['sd'] if mem else None)} | {fmt(ops.get(name), '{:,.0f}')} "
               f"| {fmt(extra, '{:,.0f}')} | {fmt(extra * scale if extra is not None else None, '{:,.0f}')} "
-              f"| {fmt(extra / (edit_steps * n_layers[name]) if extra is not None and edit_steps and name in n_layers else None, '{:.0f}')} |")
+              f"| {fmt(extra / (edit_steps * n_layers[name]) if extra is not None and edit_steps and name in n_layers else None, '{:.0f}')} "
+              f"| {fmt(launches.get(name), '{:,.0f}')} "
+              f"| {fmt((launches[name] - launches['sd']) * scale if launches else None, '{:,.0f}')} |")
     if ops:
         print("views, not counted: " + ", ".join(f"{m} {v:,.0f}" for m, v in views.items()) + " per image")
     return 0
