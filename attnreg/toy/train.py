@@ -12,6 +12,9 @@ Three phases, each resumable (re-run the same command and it goes on where it st
    latents (epsilon prediction, min-SNR-5 weighting, 10 % caption dropout for classifier-free
    guidance), with EMA weights. The caption order is reshuffled every time a scene is drawn.
 
+``--arch mmdit`` trains the StableDiffusion3Pipeline of `attnreg.toy.mmdit` instead (phases ``latents``
+with the shipped frozen VAE, then ``mmdit``), through the same loop (`fit`), checkpoints and export.
+
 All randomness of step ``s`` comes from a generator seeded by (seed, phase, s), so a resumed run
 draws the same batches as an uninterrupted one. Every ``--ckpt-minutes`` a checkpoint (model,
 EMA, optimiser, step) is written and the EMA pipeline is exported with ``save_pretrained`` to
