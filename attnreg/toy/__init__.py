@@ -30,9 +30,10 @@ __all__ = [
 # The embedded models by short name (`--model toy-unet`): their folders beside this file.
 MODELS = {"toy-unet": "model", "toy-mmdit": "model-mmdit"}
 DEFAULT_MODEL = "toy-unet"
+TRAIN_COMMANDS = {"toy-mmdit": "attnreg toy train --arch mmdit --export attnreg/toy/model-mmdit --threads 1"}
 HOW_TO_TRAIN = {
-    "toy-mmdit": "attnreg toy train --arch mmdit --export attnreg/toy/model-mmdit --threads 1 (about 2 hours on 2 "
-                 "CPU cores; the same command resumes; see attnreg/toy/README.md), or export an existing run with "
+    "toy-mmdit": f"{TRAIN_COMMANDS['toy-mmdit']} (about 2 hours on 2 CPU cores; the same command resumes; see "
+                 "attnreg/toy/README.md), or export an existing run with "
                  "attnreg toy train --arch mmdit --export-only --export attnreg/toy/model-mmdit",
 }
 

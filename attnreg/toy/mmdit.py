@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import model_path
+from . import TRAIN_COMMANDS, model_path
 from .train import (Captioner, Config, LossLog, draw_batch, encode_pool, fit, load_ema, load_pool, log, publish,
                     step_rng)
 from .world import COLOUR_NAMES, SHAPES
 
 EXPORT = model_path("toy-mmdit", check=False)
-TRAIN_COMMAND = "attnreg toy train --arch mmdit --export attnreg/toy/model-mmdit --threads 1"
+TRAIN_COMMAND = TRAIN_COMMANDS["toy-mmdit"]
 
 
 @dataclass

@@ -142,7 +142,7 @@ def build_text_encoder(cfg: Config, hidden: int | None = None, layers: int | Non
     tc = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate or cfg.text_intermediate,
                         num_hidden_layers=layers or cfg.text_layers, num_attention_heads=heads or cfg.text_heads,
                         max_position_embeddings=cfg.max_length, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                        projection_dim=hidden)
+                        **({"projection_dim": hidden} if projection else {}))
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(tc)
 
 
