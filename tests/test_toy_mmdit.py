@@ -51,6 +51,13 @@ def test_training_resumes_from_its_checkpoint(run):
     assert (export / "loss.png").exists() and (export / "train_config.json").exists()
 
 
+def test_export_only_writes_the_last_checkpoint(run, tmp_path):
+    out, _, _ = run
+    assert train(["--arch", "mmdit", "--out", str(out), "--export-only", "--export", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "attnreg.json").read_text())["train_step"] == 4
+    assert (tmp_path / "again" / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+
+
 def test_export_is_a_stable_diffusion_3_pipeline_that_attnreg_regulates(run):
     from diffusers import StableDiffusion3Pipeline
 
