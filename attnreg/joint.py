@@ -398,13 +398,15 @@ class JointRegulatedProcessor:
         return probs, sorted(first + i for i in images)
 
     @staticmethod
-    def _sd3_output(attn, hidden_states, image, text, changed, edited):
-        # JointAttnProcessor2_0 from the attention on, with the regulated image rows replaced.
+    def _sd3_output(attn, hidden_states, image, text, changed, edited, attn_mask=None):
+        # JointAttnProcessor2_0 from the attention on, with the regulated image rows replaced (none when
+        # `changed` is empty); `attn_mask`: an additive bias on the logits, keys laid out image then text.
         (q, k, v), (cq, ck, cv) = image, text
         batch, n_image = hidden_states.shape[0], q.shape[2]
         query, key, value = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out[changed, :, :n_image] = edited.to(out.dtype)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+        if changed:
+            out[changed, :, :n_image] = edited.to(out.dtype)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1]).to(query.dtype)
         out, context = out[:, :n_image], out[:, n_image:]
         if not attn.context_pre_only:

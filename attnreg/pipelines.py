@@ -150,8 +150,14 @@ def load_pipeline(model: str | Path, device: str = "cpu", dtype: str | torch.dty
         check_hub(str(model))
     extra = {}
     index = Path(model) / "model_index.json"
-    if index.is_file() and "safety_checker" in json.loads(index.read_text()):
-        extra = {"safety_checker": None, "requires_safety_checker": False}
+    if index.is_file():
+        parts = json.loads(index.read_text())
+        if "safety_checker" in parts:
+            extra = {"safety_checker": None, "requires_safety_checker": False}
+        # A part saved as None ([null, null], e.g. SD3's text_encoder_3 / tokenizer_3) is not reloaded as None
+        # by from_pretrained unless it is passed again: pass it.
+        extra.update({name: None for name, value in parts.items()
+                      if not name.startswith("_") and isinstance(value, list) and value[0] is None})
     try:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import positive_int
+from .common import MODEL_HELP, model_name, positive_int
 
 
 def _port(text: str) -> int:
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
         "--host 0.0.0.0 makes it reachable from the network, at your own risk: there is no login and every "
         "visitor's job runs on this machine.",
     )
-    p.add_argument("--model", default=None, help="local pipeline folder or hub id (default: the embedded shapes model)")
+    p.add_argument("--model", type=model_name, default=None, help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="the pipeline's dtype (default: float32)")

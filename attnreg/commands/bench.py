@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..names import split_list
-from .common import add_sampling_args
+from .common import MODEL_HELP, add_sampling_args, model_name
 
 
 def _add_metric_model_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +73,7 @@ def register(sub) -> None:
     b.add_argument("--subsets", default=None, help="comma-separated subsets (default: all)")
     b.add_argument("--methods", default="sd,attnreg", help=f"comma-separated, from: {', '.join(METHODS)} (default: sd,attnreg)")
     b.add_argument("--seeds", default="0-63", help="e.g. 0-63, 0,1,2 (default 0-63)")
-    b.add_argument("--model", default=None, help="local pipeline folder or hub id (default: the embedded shapes model)")
+    b.add_argument("--model", type=model_name, default=None, help=MODEL_HELP)
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--metrics", default="auto",
                    help=f"comma-separated, from: {', '.join(METRICS)}; none; auto (default: detect for shapes, clip otherwise)")

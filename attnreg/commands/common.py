@@ -55,8 +55,28 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
+MODEL_HELP = ("local pipeline folder, hub id, or an embedded shapes model: toy-unet (the default) or toy-mmdit "
+              "(SD3-style, once trained)")
+
+
+def model_name(text: str) -> str | None:
+    """--model as the commands use it: an embedded model's short name resolved to its folder ("toy-unet", the
+    default, to None), anything else unchanged. A short name whose weights are not exported is a usage error
+    saying how to train them."""
+    from ..toy import MODELS, DEFAULT_MODEL, model_path
+
+    if text == DEFAULT_MODEL:
+        return None
+    if text in MODELS:
+        try:
+            return str(model_path(text))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local pipeline folder or hub id (default: the embedded shapes model)")
+    p.add_argument("--model", type=model_name, default=None, help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="the pipeline's dtype; the optimisation always runs in float32 (default: float32)")
@@ -141,11 +161,13 @@ def int_list(text: str | None, name: str) -> list[int] | None:
 
 
 def load_model(args):
-    """The pipeline of --model, or the embedded shapes model when none is given."""
+    """The pipeline of --model (a folder, hub id or embedded model's short name), or the embedded shapes
+    model when none is given."""
     from ..pipelines import load_pipeline
 
-    if args.model is None:
-        from ..toy import model_path
+    from ..toy import MODELS, model_path
 
-        return load_pipeline(model_path(), args.device, args.dtype)
-    return load_pipeline(args.model, args.device, args.dtype)
+    model = args.model
+    if model is None or model in MODELS:  # also when args were not made by the parser
+        model = model_path(model or "toy-unet")
+    return load_pipeline(model, args.device, args.dtype)

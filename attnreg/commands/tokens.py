@@ -7,13 +7,15 @@ are looked up in is named; only the pipeline's tokenizers are loaded, not its mo
 from __future__ import annotations
 
 from ..names import split_list
+from .common import model_name
 
 
 def register(sub) -> None:
     t = sub.add_parser("tokens", help="print the prompt's token table (the indices targets resolve to)")
     t.add_argument("prompt", help="the text whose tokens are shown")
     t.add_argument("--targets", default=None, help="comma-separated target words to resolve to token indices")
-    t.add_argument("--model", default=None, help="use this pipeline's tokenizer(s) (default: the CLIP tokenizer)")
+    t.add_argument("--model", type=model_name, default=None,
+                   help="use this pipeline's tokenizer(s): a folder, hub id, toy-unet or toy-mmdit (default: the CLIP tokenizer)")
     t.add_argument("--text-stream", default=None, choices=["t5", "clip"],
                    help="SD3: the stream targets are looked up in (default: T5 where the pipeline has it)")
     t.add_argument("--max-sequence-length", type=int, default=None,

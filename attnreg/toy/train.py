@@ -12,6 +12,9 @@ Three phases, each resumable (re-run the same command and it goes on where it st
    latents (epsilon prediction, min-SNR-5 weighting, 10 % caption dropout for classifier-free
    guidance), with EMA weights. The caption order is reshuffled every time a scene is drawn.
 
+``--arch mmdit`` trains the StableDiffusion3Pipeline of `attnreg.toy.mmdit` instead (phases ``latents``
+with the shipped frozen VAE, then ``mmdit``), through the same loop (`fit`), checkpoints and export.
+
 All randomness of step ``s`` comes from a generator seeded by (seed, phase, s), so a resumed run
 draws the same batches as an uninterrupted one. Every ``--ckpt-minutes`` a checkpoint (model,
 EMA, optimiser, step) is written and the EMA pipeline is exported with ``save_pretrained`` to
@@ -39,7 +42,7 @@ from ..files import atomic_write
 from ..geometry import blocks_by_resolution
 from .world import COLOUR_NAMES, SHAPES, caption, random_scene, render
 
-PHASES = ("vae", "latents", "unet")
+PHASES = ("vae", "latents", "unet", "mmdit")  # step_rng seeds by the index: append only
 _STOP = {"flag": False}
 
 
@@ -129,13 +132,18 @@ def build_unet(cfg: Config):
     )
 
 
-def build_text_encoder(cfg: Config):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_text_encoder(cfg: Config, hidden: int | None = None, layers: int | None = None, heads: int | None = None,
+                       intermediate: int | None = None, projection: bool = False):
+    """A CLIP text encoder from scratch over the real CLIP vocabulary (the config's sizes unless given);
+    `projection`: a CLIPTextModelWithProjection (SD3's kind) with a projection as wide as the hidden size."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    tc = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
-                        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                        max_position_embeddings=cfg.max_length, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    return CLIPTextModel(tc)
+    hidden = hidden or cfg.text_hidden
+    tc = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate or cfg.text_intermediate,
+                        num_hidden_layers=layers or cfg.text_layers, num_attention_heads=heads or cfg.text_heads,
+                        max_position_embeddings=cfg.max_length, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                        **({"projection_dim": hidden} if projection else {}))
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(tc)
 
 
 def noise_scheduler():
@@ -197,8 +205,9 @@ class LossLog:
         import matplotlib.pyplot as plt
 
         rows = [r.split(",") for r in self.path.read_text().splitlines()[1:] if r]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        for ax, phase in zip(axes, ("vae", "unet")):
+        phases = [p for p in PHASES if any(r[0] == p for r in rows)] or ["vae", "unet"]
+        fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
+        for ax, phase in zip(axes[0], phases):
             pts = [(int(r[1]), float(r[2])) for r in rows if r[0] == phase]
             if pts:
                 x, y = zip(*pts)
@@ -280,11 +289,12 @@ SHAPE_IDX = {s: i for i, s in enumerate(SHAPES)}
 COLOUR_IDX = {c: i for i, c in enumerate(COLOUR_NAMES)}
 
 
-def encode_pool(cfg: Config, out: Path, stop_at: float | None) -> bool:
-    """Render and encode the latent pool chunk by chunk; True when stopped early (finished chunks kept)."""
+def encode_pool(cfg: Config, out: Path, stop_at: float | None, vae=None) -> bool:
+    """Render and encode the latent pool chunk by chunk (with `vae`, else the one trained in `out`); True
+    when stopped early (finished chunks kept)."""
     d = out / "latents"
     d.mkdir(parents=True, exist_ok=True)
-    vae = load_vae(cfg, out)
+    vae = vae if vae is not None else load_vae(cfg, out)
     n_chunks = math.ceil(cfg.pool_size / cfg.pool_chunk)
     t0 = time.time()
     for c in range(n_chunks):
@@ -359,71 +369,76 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
         torch._foreach_add_(ema, params, alpha=1 - decay)
 
 
-def resume_unet(path: Path, unet, te, opt, ema: list[torch.Tensor], losses: LossLog) -> int:
-    """Load the UNet checkpoint at `path` into the models, optimiser and EMA; the step to go on from."""
+def resume(path: Path, phase: str, modules: dict, opt, ema: list[torch.Tensor], losses: LossLog) -> int:
+    """Load the checkpoint of `phase` at `path` into the modules (by name), optimiser and EMA; the step to
+    go on from (0 without a checkpoint)."""
     if not path.exists():
         return 0
     ck = torch.load(path, weights_only=False)
-    unet.load_state_dict(ck["unet"])
-    te.load_state_dict(ck["text_encoder"])
+    for name, module in modules.items():
+        module.load_state_dict(ck[name])
     opt.load_state_dict(ck["opt"])
     for e, s in zip(ema, ck["ema"]):
         e.copy_(s)
-    losses.truncate("unet", ck["step"])
-    log(f"unet: resumed at step {ck['step']}")
+    losses.truncate(phase, ck["step"])
+    log(f"{phase}: resumed at step {ck['step']}")
     return ck["step"]
 
 
-def unet_lr(cfg: Config, step: int) -> float:
-    """Linear warm-up, then a cosine down to a fifth of the peak."""
+def warmup_cosine_lr(cfg: Config, step: int, total: int) -> float:
+    """Linear warm-up, then a cosine down to a fifth of the peak at `total` steps."""
     lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-    return lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.unet_steps))))
+    return lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
+
+
+def draw_batch(cfg: Config, capt: "Captioner", lat, objs, scale: float, rng: random.Random, g: torch.Generator):
+    """A step's scenes: (scaled latents, caption token ids), captions reshuffled and `cond_dropout` of them empty."""
+    idx = torch.randint(0, len(lat), (cfg.batch,), generator=g)
+    caps = [capt.caption(objs[i], rng) for i in idx.tolist()]
+    caps = ["" if rng.random() < cfg.cond_dropout else c for c in caps]
+    return lat[idx] * scale, capt.ids(caps)
 
 
 def unet_loss(cfg: Config, unet, te, capt, sched, snr, lat, objs, scale: float, step: int) -> torch.Tensor:
     """The noise-prediction loss of step `step`'s batch (drawn from the step's own generators)."""
     rng, g = step_rng(cfg, "unet", step)
-    idx = torch.randint(0, len(lat), (cfg.batch,), generator=g)
-    caps = [capt.caption(objs[i], rng) for i in idx.tolist()]
-    caps = ["" if rng.random() < cfg.cond_dropout else c for c in caps]
-    x0 = lat[idx] * scale
+    x0, ids = draw_batch(cfg, capt, lat, objs, scale, rng, g)
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=g)
-    pred = unet(sched.add_noise(x0, noise, t), t, te(capt.ids(caps))[0]).sample
+    pred = unet(sched.add_noise(x0, noise, t), t, te(ids)[0]).sample
     w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR weighting for epsilon prediction
     return (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
-def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None, export: Path | None) -> bool:
-    lat, objs, scale = load_pool(cfg, out)
-    log(f"unet: pool of {len(lat)} latents, scaling factor {scale:.4f}")
-    unet, te = build_unet(cfg), build_text_encoder(cfg)
-    params = list(unet.parameters()) + list(te.parameters())
-    log(f"unet params {sum(p.numel() for p in unet.parameters()):,}, text encoder {sum(p.numel() for p in te.parameters()):,}")
+def fit(cfg: Config, out: Path, losses: LossLog, phase: str, modules: dict, loss_fn, total: int, ckpt_seconds: float,
+        stop_at: float | None, export_fn=None) -> bool:
+    """The denoiser phase's loop, shared by the UNet and the MMDiT: AdamW with warm-up and cosine, gradient clip
+    1, EMA of every module, `loss_fn(step)` for the step's loss. Checkpoints (`OUT/<phase>.pt`: each module's
+    state by name, optimiser, EMA, step) every `ckpt_seconds`, at the end and on a stop request, each followed
+    by `export_fn(ema, step)`. True when stopped early."""
+    params = [p for m in modules.values() for p in m.parameters()]
+    for name, m in modules.items():
+        log(f"{phase}: {name} {sum(p.numel() for p in m.parameters()):,} parameters")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = [p.detach().clone() for p in params]
-    path = out / "unet.pt"
-    step = resume_unet(path, unet, te, opt, ema, losses)
-    sched = noise_scheduler()
-    acp = sched.alphas_cumprod
-    snr = acp / (1 - acp)
-    capt = Captioner(cfg)
-    unet.train()
-    te.train()
+    path = out / f"{phase}.pt"
+    step = resume(path, phase, modules, opt, ema, losses)
+    for m in modules.values():
+        m.train()
 
     def checkpoint():
-        atomic_save({"unet": unet.state_dict(), "text_encoder": te.state_dict(), "opt": opt.state_dict(),
-                     "ema": ema, "step": step, "config": asdict(cfg)}, path)
-        if export is not None:
-            export_pipeline(cfg, out, export, ema_weights=ema, losses=losses, step=step)
-        log(f"unet: checkpoint at step {step}" + (f", exported to {export}" if export else ""))
+        atomic_save({**{name: m.state_dict() for name, m in modules.items()}, "opt": opt.state_dict(), "ema": ema,
+                     "step": step, "config": asdict(cfg)}, path)
+        if export_fn is not None:
+            export_fn(ema, step)
+        log(f"{phase}: checkpoint at step {step}" + (", exported" if export_fn else ""))
 
     last_ck, t0, run, start = time.time(), time.time(), [], step
-    while step < cfg.unet_steps:
-        lr = unet_lr(cfg, step)
+    while step < total:
+        lr = warmup_cosine_lr(cfg, step, total)
         for pg in opt.param_groups:
             pg["lr"] = lr
-        loss = unet_loss(cfg, unet, te, capt, sched, snr, lat, objs, scale, step)
+        loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -431,19 +446,45 @@ def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, sto
         step += 1
         ema_update(ema, [p.detach() for p in params], min(cfg.ema_decay, (1 + step) / (10 + step)))
         run.append(loss.item())
-        if step % cfg.log_every == 0 or step == cfg.unet_steps:
+        if step % cfg.log_every == 0 or step == total:
             m = float(np.mean(run))
             run = []
-            losses.add("unet", step, m, time.time() - t0)
-            log(f"unet step {step}/{cfg.unet_steps} loss {m:.5f} lr {lr:.2e} ({(time.time() - t0) / (step - start):.2f} s/step this run)")
+            losses.add(phase, step, m, time.time() - t0)
+            log(f"{phase} step {step}/{total} loss {m:.5f} lr {lr:.2e} ({(time.time() - t0) / (step - start):.2f} s/step this run)")
         stop = stop_requested(out, stop_at)
-        if time.time() - last_ck > ckpt_seconds or step == cfg.unet_steps or stop:
+        if time.time() - last_ck > ckpt_seconds or step == total or stop:
             checkpoint()
             last_ck = time.time()
             if stop:
-                log("unet: stop requested, checkpoint written, exiting")
+                log(f"{phase}: stop requested, checkpoint written, exiting")
                 return True
     return False
+
+
+def load_ema(modules: list, ema_weights) -> None:
+    """Copy EMA weights (in the order of the modules' parameters, as `fit` keeps them) into `modules`."""
+    if ema_weights is None:
+        return
+    with torch.no_grad():
+        for p, e in zip([p for m in modules for p in m.parameters()], ema_weights):
+            p.copy_(e)
+
+
+def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None, export: Path | None) -> bool:
+    lat, objs, scale = load_pool(cfg, out)
+    log(f"unet: pool of {len(lat)} latents, scaling factor {scale:.4f}")
+    unet, te = build_unet(cfg), build_text_encoder(cfg)
+    sched = noise_scheduler()
+    acp = sched.alphas_cumprod
+    snr = acp / (1 - acp)
+    capt = Captioner(cfg)
+    export_fn = None
+    if export is not None:
+        def export_fn(ema, step):
+            export_pipeline(cfg, out, export, ema_weights=ema, losses=losses, step=step)
+    return fit(cfg, out, losses, "unet", {"unet": unet, "text_encoder": te},
+               lambda step: unet_loss(cfg, unet, te, capt, sched, snr, lat, objs, scale, step),
+               cfg.unet_steps, ckpt_seconds, stop_at, export_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,42 +504,15 @@ def slim_tokenizer(tokdir: Path, cfg: Config) -> None:
     (tokdir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
 
 
-def export_pipeline(cfg: Config, out: Path, dest: Path, ema_weights=None, losses: LossLog | None = None, step: int = 0) -> Path:
-    """Write a StableDiffusionPipeline (EMA weights) to `dest` with save_pretrained."""
-    from diffusers import StableDiffusionPipeline
-    from attnreg.tokenizer import load_clip_tokenizer
-
-    vae = load_vae(cfg, out)
-    _, _, scale = load_pool_stats(out)
-    vae.register_to_config(scaling_factor=scale)
-    unet, te = build_unet(cfg), build_text_encoder(cfg)
-    if ema_weights is not None:
-        with torch.no_grad():
-            for p, e in zip(list(unet.parameters()) + list(te.parameters()), ema_weights):
-                p.copy_(e)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=load_clip_tokenizer(model_max_length=cfg.max_length),
-                                   unet=unet, scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+def publish(pipe, dest: Path, meta: dict, cfg: Config, losses: LossLog | None, tokenizers=("tokenizer",)) -> Path:
+    """`pipe.save_pretrained` into `dest` with `attnreg.json` (= `meta`), `train_config.json`, `loss.csv` and
+    `loss.png`, written beside it first and then swapped in, so `dest` is never half-written."""
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    slim_tokenizer(tmp / "tokenizer", cfg)
-    latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
-    layers = blocks_by_resolution(unet, latent)
-    meta = {
-        "paper_layers": [b for b in layers[str(latent)] if b != "mid_block"],
-        "image_size": cfg.image_size,
-        "latent_size": latent,
-        "cross_attention_layers_by_resolution": layers,
-        "num_inference_steps": 50,
-        "guidance_scale": 7.5,
-        "scheduler": "DPMSolverMultistepScheduler",
-        "shapes": list(SHAPES),
-        "colours": list(COLOUR_NAMES),
-        "train_step": step,
-        "note": "Toy SD trained on coloured-shape scenes by attnreg.toy.train; see attnreg/toy/README.md.",
-    }
+    for name in tokenizers:
+        slim_tokenizer(tmp / name, cfg)
     (tmp / "attnreg.json").write_text(json.dumps(meta, indent=2))
     (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     if losses is not None:
@@ -519,6 +533,37 @@ def export_pipeline(cfg: Config, out: Path, dest: Path, ema_weights=None, losses
     return dest
 
 
+def export_pipeline(cfg: Config, out: Path, dest: Path, ema_weights=None, losses: LossLog | None = None, step: int = 0) -> Path:
+    """Write a StableDiffusionPipeline (EMA weights) to `dest` with save_pretrained."""
+    from diffusers import StableDiffusionPipeline
+    from attnreg.tokenizer import load_clip_tokenizer
+
+    vae = load_vae(cfg, out)
+    _, _, scale = load_pool_stats(out)
+    vae.register_to_config(scaling_factor=scale)
+    unet, te = build_unet(cfg), build_text_encoder(cfg)
+    load_ema([unet, te], ema_weights)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=load_clip_tokenizer(model_max_length=cfg.max_length),
+                                   unet=unet, scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+    layers = blocks_by_resolution(unet, latent)
+    meta = {
+        "paper_layers": [b for b in layers[str(latent)] if b != "mid_block"],
+        "image_size": cfg.image_size,
+        "latent_size": latent,
+        "cross_attention_layers_by_resolution": layers,
+        "num_inference_steps": 50,
+        "guidance_scale": 7.5,
+        "scheduler": "DPMSolverMultistepScheduler",
+        "shapes": list(SHAPES),
+        "colours": list(COLOUR_NAMES),
+        "train_step": step,
+        "note": "Toy SD trained on coloured-shape scenes by attnreg.toy.train; see attnreg/toy/README.md.",
+    }
+    return publish(pipe, dest, meta, cfg, losses)
+
+
 def load_pool_stats(out: Path):
     s = json.loads((out / "latents" / "stats.json").read_text())
     return None, None, s["scaling_factor"]
@@ -527,28 +572,38 @@ def load_pool_stats(out: Path):
 # ----------------------------------------------------------------------------------------------
 
 
+ARCHS = ("unet", "mmdit")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="attnreg toy train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/toy", help="checkpoints, latent cache and logs")
+    ap.add_argument("--arch", default="unet", choices=ARCHS,
+                    help="unet: the StableDiffusionPipeline (VAE, latents, UNet); mmdit: a StableDiffusion3Pipeline on "
+                    "the shipped model's frozen VAE (latents, mmdit; see attnreg/toy/mmdit.py)")
+    ap.add_argument("--out", default=None, help="checkpoints, latent cache and logs (default: runs/toy, runs/toy-mmdit)")
     ap.add_argument("--config", default="default", help="'default', 'tiny' (tests) or a JSON file")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     ap.add_argument("--export", default=None, help="folder to export the EMA pipeline to at each checkpoint")
-    ap.add_argument("--phases", default="vae,latents,unet")
+    ap.add_argument("--phases", default=None, help="default: vae,latents,unet (unet) or latents,mmdit (mmdit)")
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     ap.add_argument("--export-only", action="store_true", help="export from the latest checkpoint and exit")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     a = ap.parse_args(argv)
 
-    out = Path(a.out)
+    mmdit = a.arch == "mmdit"
+    if mmdit:
+        from . import mmdit as arch
+    cls = arch.MMDiTConfig if mmdit else Config
+    out = Path(a.out or ("runs/toy-mmdit" if mmdit else "runs/toy"))
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
     if a.config == "tiny":
-        cfg = Config.tiny()
+        cfg = cls.tiny()
     elif a.config == "default":
-        cfg = Config(**_tuplify(json.loads(saved.read_text()))) if saved.exists() else Config()
+        cfg = cls(**_tuplify(json.loads(saved.read_text()))) if saved.exists() else cls()
     else:
-        cfg = Config(**_tuplify(json.loads(Path(a.config).read_text())))
+        cfg = cls(**_tuplify(json.loads(Path(a.config).read_text())))
     for kv in a.set:
         k, v = kv.split("=", 1)
         cur = getattr(cfg, k)
@@ -568,13 +623,21 @@ def main(argv=None) -> int:
     ckpt_s = 60 * a.ckpt_minutes
     log(f"config: {json.dumps(asdict(cfg))}")
     if a.export_only:
-        ck = torch.load(out / "unet.pt", weights_only=False)
-        export_pipeline(cfg, out, export or Path("attnreg/toy/model"), ema_weights=ck["ema"], losses=losses, step=ck["step"])
+        ck = torch.load(out / f"{a.arch}.pt", weights_only=False)
+        if mmdit:
+            arch.export_mmdit(cfg, out, export or arch.EXPORT, ema_weights=ck["ema"], losses=losses, step=ck["step"])
+        else:
+            export_pipeline(cfg, out, export or Path("attnreg/toy/model"), ema_weights=ck["ema"], losses=losses, step=ck["step"])
         return 0
-    phases = a.phases.split(",")
-    for phase, run in (("vae", lambda: train_vae(cfg, out, losses, ckpt_s, stop_at)),
-                       ("latents", lambda: encode_pool(cfg, out, stop_at)),
-                       ("unet", lambda: train_unet(cfg, out, losses, ckpt_s, stop_at, export))):
+    if mmdit:
+        steps = (("latents", lambda: arch.encode_pool_mmdit(cfg, out, stop_at)),
+                 ("mmdit", lambda: arch.train_mmdit(cfg, out, losses, ckpt_s, stop_at, export)))
+    else:
+        steps = (("vae", lambda: train_vae(cfg, out, losses, ckpt_s, stop_at)),
+                 ("latents", lambda: encode_pool(cfg, out, stop_at)),
+                 ("unet", lambda: train_unet(cfg, out, losses, ckpt_s, stop_at, export)))
+    phases = (a.phases or ",".join(name for name, _ in steps)).split(",")
+    for phase, run in steps:
         if phase in phases and run():
             log("stopped; run the same command to resume")
             return 0
