@@ -199,3 +199,13 @@ def load_text_side(model: str | Path):
     loaded["text_encoder_3"] = True if present("text_encoder_3") else None
     length = inspect.signature(getattr(diffusers, name).__call__).parameters["max_sequence_length"].default
     return family, SimpleNamespace(**loaded), int(length)
+
+
+def default_image_size(pipe) -> int:
+    """The side in pixels a pipeline makes by default: its denoiser's sample size (UNet or SD3
+    transformer; FLUX's pipeline default) times the VAE's scale factor."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample = getattr(getattr(denoiser, "config", None), "sample_size", None) or getattr(pipe, "default_sample_size", None)
+    if sample is None:
+        raise ValueError(f"{type(pipe).__name__} says no default size; pass one (--size)")
+    return int(sample) * pipe.vae_scale_factor

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 from attnreg import AttentionRegulator, RegulationConfig
@@ -143,3 +144,17 @@ def test_short_names(capsys):
 
     assert model_name("toy-unet") is None  # the default: records name it "embedded", as without --model
     assert model_name("some/folder") == "some/folder"
+
+
+def test_bench_runs_on_the_mmdit_export(run, tmp_path):
+    # `attnreg bench` is model-family neutral: the exported SD3 folder gives sd and attnreg images of the
+    # folder's own size, scored by the shapes detector.
+    from attnreg.eval.runner import run_benchmark
+
+    _, export, _ = run
+    summary = run_benchmark("shapes", "sd,attnreg", seeds="0", model=str(export), out=tmp_path / "bench", steps=2,
+                            limit=1, subsets=["2obj"], metrics="detect", progress=False)
+    assert summary["generated"] == 2
+    images = sorted((tmp_path / "bench" / "images").rglob("*.png"))
+    assert len(images) == 2 and all(Image.open(p).size == (64, 64) for p in images)
+    assert (tmp_path / "bench" / "report.md").exists()

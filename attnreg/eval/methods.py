@@ -170,7 +170,9 @@ class AttendAndExcite(Method):
         self.call_options = opts
 
     def attn_res(self, height: int | None) -> tuple[int, int]:
-        height = height or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        from attnreg.pipelines import default_image_size
+
+        height = height or default_image_size(self.pipe)
         return cross_attention_resolution(self.pipe.unet, height, self.pipe.vae_scale_factor, self.options.get("layers"))
 
     def config(self) -> dict:

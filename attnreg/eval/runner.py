@@ -153,9 +153,10 @@ def _local_model_height(model, size) -> int | None:
         return size
     try:
         root = Path(model)
-        unet = json.loads((root / "unet" / "config.json").read_text())
+        denoiser = root / "unet" if (root / "unet").is_dir() else root / "transformer"  # SD / SD3
+        sample = json.loads((denoiser / "config.json").read_text())["sample_size"]
         vae = json.loads((root / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, KeyError, TypeError, ValueError):
         return None
 
@@ -266,7 +267,7 @@ def run(opts: BenchmarkOptions) -> dict:
 def _load(opts: BenchmarkOptions):
     """The pipeline and the process state, after every check that needs no image: the folder's
     configuration and numerics, the metric models, the prompts' targets. Returns (pipe, state, device, run)."""
-    from attnreg.pipelines import load_pipeline
+    from attnreg.pipelines import default_image_size, load_pipeline
 
     model = opts.model
     if model is None:
@@ -281,7 +282,7 @@ def _load(opts: BenchmarkOptions):
     if state.num_processes > 1 and str(device).startswith("cuda"):
         device = str(state.device)
     pipe = load_pipeline(model, device, opts.dtype)
-    run = opts.run_config(opts.size or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    run = opts.run_config(opts.size or default_image_size(pipe))
     check_folder(opts.out, run, opts.force)  # before anything is written
     check_numerics(opts.out, numerics(device), opts.force)
     if state.is_main_process:
