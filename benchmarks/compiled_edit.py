@@ -2,10 +2,10 @@
 fast solver, the blend, the offsets and the softmax), one call at a time, in the same run.
 
 Per problem shape (map side, rows = images x heads, targets): milliseconds per call (median), the first
-call's compile time with an empty inductor cache and again with the cache it left (a new process's case,
-dynamo re-traces), and the launches per call: eager = ATen compute operators (a TorchDispatchMode, views
-apart); compiled = the generated fused kernels plus the ATen calls the compiled code still makes (matrix
-products, top-k, copies; counted with the profiler, with inductor's kernel profiling on). Each is one
+call's compile time with an empty inductor cache and again in the same process after `torch._dynamo.reset()`
+(dynamo traces again, inductor finds its kernels cached; a new process also pays for loading them), and the launches per call: eager = ATen compute operators (a TorchDispatchMode, views
+apart), and for both the profiler's count of overhead.py (`count_launches`: leaf ATen operators, views and
+allocations apart, plus inductor's generated kernels, with its kernel profiling on). Each is one
 kernel launch on a GPU. The shapes: SD 1.5's edited 16 x 16 layers (8 heads, 1 image, 2 targets) and
 the embedded model's calibrated 8 x 8 layer (2 heads, 1 image; 2 and 3 targets), 77 text columns.
 What the layer call does besides (the neglect test, the explicit attention) is not in these counts.
@@ -22,30 +22,15 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnreg import RegulationConfig
 from attnreg.regulation import edit_group, gaussian_bases
+from overhead import OpCounter, count_launches  # benchmarks/overhead.py: one way of counting for both
+
 SHAPES = {"sd15 16x16, 8 rows, 2 targets": (16, 8, 2), "embedded 8x8, 2 rows, 2 targets": (8, 2, 2),
           "embedded 8x8, 2 rows, 3 targets": (8, 2, 3)}
-VIEWS = {"view", "_unsafe_view", "expand", "t", "transpose", "permute", "unsqueeze", "squeeze", "select", "slice",
-         "alias", "detach", "as_strided", "resolve_conj", "resolve_neg", "lift_fresh"}
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket).split(".")[-1]
-        if not func.is_view and name not in VIEWS:
-            self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def problem(side: int, heads: int, n: int, seed: int = 0):
@@ -73,20 +58,6 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def compiled_launches(fn) -> tuple[int, int]:
-    """(fused kernels, ATen calls) in one call of a compiled function: the profiler's events for the
-    generated kernels (inductor's kernel profiling) and for ATen operators at the top level."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    kernels = aten = 0
-    for e in prof.events():
-        if "cpp_fused" in e.name or e.name.startswith("triton_"):
-            kernels += 1
-        elif e.name.startswith("aten::") and e.cpu_parent is not None and not e.cpu_parent.name.startswith("aten::"):
-            aten += e.name.split("::")[-1] not in VIEWS
-    return kernels, aten
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=50)
@@ -99,16 +70,17 @@ def main(argv=None) -> int:
     print(f"# an edited call's edit_group (fast solver), eager vs torch.compile (inductor), {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print("| problem | eager ms / call | compiled ms | ratio | first compile s (cold cache) | again s (warm cache) "
-          "| eager ATen ops / call | compiled launches (fused kernels + ATen) | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| eager ATen ops / call (dispatch) | eager launches (profiler) | compiled launches (profiler) | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, shape in SHAPES.items():
         args_ = problem(*shape)
         eager_ms = median_ms(lambda: edit_group(*args_), args.repeats)
         with OpCounter() as counter:
             edit_group(*args_)
         eager_ops = sum(counter.counts.values())
+        eager_launches = count_launches(lambda: edit_group(*args_))
         compile_s = []
-        for _ in range(2):  # cold, then a fresh dynamo with the on-disk cache the first one filled
+        for _ in range(2):  # cold, then a reset dynamo with the caches the first one filled
             torch._dynamo.reset()
             solver = torch.compile(edit_group, fullgraph=True)
             start = time.perf_counter()
@@ -116,10 +88,9 @@ def main(argv=None) -> int:
             compile_s.append(time.perf_counter() - start)
         torch.testing.assert_close(out.probs, edit_group(*args_).probs, rtol=1e-4, atol=1e-6)
         compiled_ms = median_ms(lambda: solver(*args_), args.repeats)
-        kernels, aten = compiled_launches(lambda: solver(*args_))
+        launches = count_launches(lambda: solver(*args_))
         print(f"| {label} | {eager_ms:.2f} | {compiled_ms:.2f} | {compiled_ms / eager_ms:.2f}x | {compile_s[0]:.1f} "
-              f"| {compile_s[1]:.1f} | {eager_ops} | {kernels + aten} ({kernels} + {aten}) "
-              f"| {(kernels + aten) / eager_ops:.2f}x |")
+              f"| {compile_s[1]:.1f} | {eager_ops} | {eager_launches} | {launches} | {launches / eager_launches:.2f}x |")
     return 0
 
 
