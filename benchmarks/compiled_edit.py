@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnreg-inductor-")  # a cold cache
     print(f"# an edited call's edit_group (fast solver), eager vs torch.compile (inductor), {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| problem | eager ms / call | compiled ms | ratio | first compile s (cold cache) | again s (warm cache) "
+    print("| problem | eager ms / call | compiled ms | ratio | first compile s (cold cache) | again s (after dynamo reset) "
           "| eager ATen ops / call (dispatch) | eager launches (profiler) | compiled launches (profiler) | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for label, shape in SHAPES.items():
