@@ -18,12 +18,15 @@ METHODS: dict[str, type["Method"]] = {}
 NAMED_OPTIONS: dict[str, dict] = {}  # method name -> options it sets before the user's (--set)
 
 
-def register_method(cls, name: str | None = None, **options):
+def register_method(cls, name: str | None = None, description: str | None = None, **options):
     """Register `cls` under its `name` (as a decorator), or under another name with some options set:
-    `register_method(AttnReg, "attnreg-paper", preset="paper")`."""
-    METHODS[name or cls.name] = cls
+    `register_method(AttnReg, "attnreg-paper", "...", preset="paper")`. A method registered under another
+    name is a subclass that carries that name, so its messages name it."""
+    if name and name != cls.name:
+        cls = type(cls.__name__, (cls,), {"name": name, "description": description or cls.description})
+    METHODS[cls.name] = cls
     if options:
-        NAMED_OPTIONS[name] = options
+        NAMED_OPTIONS[cls.name] = options
     return cls
 
 
@@ -106,8 +109,8 @@ class AttnReg(Method):
 
 
 # the preset faithful to the authors' release; and the default with attribute binding
-register_method(AttnReg, "attnreg-paper", preset="paper")
-register_method(AttnReg, "attnreg-bind", binding=1.0)
+register_method(AttnReg, "attnreg-paper", "Attention Regulation, the authors' release (paper preset)", preset="paper")
+register_method(AttnReg, "attnreg-bind", "Attention Regulation, the default plus the binding option", binding=1.0)
 
 
 def cross_attention_resolution(unet, height: int, vae_scale_factor: int, layers=None) -> tuple[int, int]:
