@@ -50,6 +50,9 @@ CONFIGS = {
     "auto_gate5": ("auto", {"lift": 1.0, "neglect_ratio": 0.5}),
     "auto_gate9": ("auto", {"lift": 1.0, "neglect_ratio": 0.9}),
     "auto_lift2_gate9": ("auto", {"lift": 2.0, "neglect_ratio": 0.9}),
+    # fewer edited steps (issue 9's "kept" and three objects; exact solver, like the rows above)
+    "auto_lift2_e10": ("auto", {"lift": 2.0, "edit_steps": 10, "fast": False}),
+    "auto_lift2_e15": ("auto", {"lift": 2.0, "edit_steps": 15, "fast": False}),
 }
 
 
