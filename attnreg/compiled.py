@@ -36,8 +36,9 @@ def wanted(choice: str, device: torch.device) -> bool:
 
 def editor(config):
     """What `regulate_step` should call for its `edit`: None (the eager `edit_group`) unless `config` takes
-    the fast solver and may compile; then `compiled_edit` with the config's choice."""
-    if config.compile == "off" or not config.fast or config.loss != "relative":
+    the fast solver and may compile; then `compiled_edit` with the config's choice. The binding option's
+    solver (autograd) is never compiled."""
+    if config.compile == "off" or not config.fast or config.loss != "relative" or config.binding > 0:
         return None
     return functools.partial(compiled_edit, config.compile)
 
@@ -50,10 +51,9 @@ def _compiled_edit_group(device: torch.device):
 
 
 def compiled_edit(choice: str, scores, *args):
-    """`edit_group(scores, *args)` compiled, when `choice` asks for it on this device, the group takes the
-    fast solver (no binding pairs) and compiling has not failed in this process; else eager."""
-    config, pairs = args[-4], args[-1]
-    if _failed or not wanted(choice, scores.device) or (pairs and config.binding > 0):
+    """`edit_group(scores, *args)` compiled, when `choice` asks for it on this device and compiling has not
+    failed in this process; else eager."""
+    if _failed or not wanted(choice, scores.device):
         return edit_group(scores, *args)
     try:
         result = _compiled_edit_group(scores.device)(scores, *args)

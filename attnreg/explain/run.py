@@ -12,6 +12,7 @@ import torch
 
 from ..config import RegulationConfig
 from ..figures import MAP_SCALES, maps_figure, side_by_side, stats_figure
+from ..pipelines import default_image_size
 from ..recording import AttentionRecorder
 from ..regulator import AttentionRegulator
 from .numbers import RUNS, diagnose, explain_numbers
@@ -286,7 +287,7 @@ def decode_latents(pipe, latents: torch.Tensor, height: int | None = None, width
     `width` pixels (default: the pipeline's default size)."""
     vae = pipe.vae
     if latents.ndim == 3:
-        default = pipe.default_sample_size * pipe.vae_scale_factor
+        default = default_image_size(pipe)
         latents = pipe._unpack_latents(latents, height or default, width or default, pipe.vae_scale_factor)
     z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
