@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, RegulationConfig
+from .config import RegulationConfig
 from .processor import UNCHANGED, RegulationState, regulate_groups
 from .regulator import AttentionRegulator, GuidanceError, LayerError, UnsupportedPipelineError, check_pipeline, pipeline_default
 from .tokens import TargetError, Token, eos_index, format_tokens, resolve_targets, token_table
@@ -463,8 +463,6 @@ class JointAttentionRegulator(AttentionRegulator):
             raise UnsupportedPipelineError(f"{type(pipe).__name__} has no joint attention; use AttentionRegulator")
         self.pipe = pipe
         self.config = config or RegulationConfig.from_preset("auto")
-        if self.config.binding > 0:
-            raise ConfigError("attribute binding (binding > 0) is not available on SD3/FLUX yet; use binding=0")
         self.stream = choose_text_stream(pipe, self.family, text_stream)
         layers = self.config.layers
         if layers is None and self.config.layer_choice == "calibrated":

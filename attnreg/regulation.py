@@ -575,8 +575,10 @@ def regulate_step(
     edit_rows = None if edit_images is None else edit_images.repeat_interleave(heads)
     # the step enters as a tensor so that a compiled `edit` is not specialised to each step
     decay = torch.tensor(config.decay**step, device=scores.device)
-    return (edit or edit_group)(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos,
-                                config, heads, n_nouns, pairs)
+    if edit is None or (pairs and config.binding > 0):
+        edit = edit_group  # the binding solver (autograd) is never compiled
+    return edit(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos, config, heads, n_nouns,
+                pairs)
 
 
 def edit_group(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos, config, heads: int,

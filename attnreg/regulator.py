@@ -10,7 +10,7 @@ from .config import RegulationConfig
 from .geometry import block_level, cross_attention_layers, layer_blocks
 from .names import split_list
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
-from .tokens import TargetError, auto_targets, eos_index, modifier_indices, resolve_targets, token_table
+from .tokens import TargetError, auto_targets, eos_index, modifier_columns, resolve_targets, token_table
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 
@@ -284,16 +284,18 @@ class AttentionRegulator:
     def _bind(self, resolved: dict) -> tuple[tuple[int, ...], int, tuple[tuple[int, int], ...]]:
         """Columns (the nouns' tokens, then their modifiers'), the number of noun columns, and the
         (modifier column, noun column) pairs; records the modifiers in `resolved["modifiers"]`."""
-        tok, prompt = self.pipe.tokenizer, resolved["prompt"]
+        prompt = resolved["prompt"]
         nouns = list(resolved["indices"])
+        words_of = self.word_tokens(prompt)
+        text = {t.index: t.text for t in words_of}
         columns, pairs, words = list(nouns), [], []
         for target in resolved["targets"]:
-            idx = resolve_targets(tok, prompt, [target])
-            for m in modifier_indices(tok, prompt, idx[0], exclude=set(nouns)):
+            idx = self._columns(prompt, [target])
+            for m in modifier_columns(words_of, idx[0], exclude=set(nouns)):
                 if m not in columns:
                     columns.append(m)
                 pairs.append((columns.index(m), nouns.index(idx[-1])))
-                words.append(f"{token_table(tok, prompt)[m].text} -> {target}")
+                words.append(f"{text[m]} -> {target}")
         resolved["modifiers"] = words
         return tuple(columns), len(nouns), tuple(pairs)
 

@@ -154,17 +154,22 @@ _SPLIT_TOKENS = set(_SPLIT_WORDS.replace("next to", "next|to").split("|"))
 
 
 def modifier_indices(tokenizer, prompt: str, noun_index: int, exclude=()) -> list[int]:
-    """The tokens that modify the noun starting at token `noun_index`: the run of content words right
-    before it in its phrase ("a big shiny red ball" -> shiny, red), stopping at a stop word, a
-    conjunction or preposition, or punctuation (the lexical rule of `auto_targets`). Tokens in
-    `exclude` (other targets) end the run too."""
-    table = token_table(tokenizer, prompt)
+    """The tokens that modify the noun starting at token `noun_index` of the CLIP `tokenizer`'s table
+    (`modifier_columns` on its word tokens)."""
+    return modifier_columns(token_table(tokenizer, prompt)[1:-1], noun_index, exclude)
+
+
+def modifier_columns(words: list[Token], noun_column: int, exclude=()) -> list[int]:
+    """The columns of the tokens that modify the noun starting at column `noun_column`: the run of content
+    words right before it in its phrase ("a big shiny red ball" -> shiny, red), stopping at a stop word, a
+    conjunction or preposition, or punctuation (the lexical rule of `auto_targets`). Columns in `exclude`
+    (other targets) end the run too. `words`: the prompt's word tokens (no SOS/EOS) in order, each with
+    its column, so any tokenizer's table works (CLIP's, or a T5 stream's in the joint sequence)."""
+    place = next(p for p, t in enumerate(words) if t.index == noun_column)
     out = []
-    i = noun_index - 1
-    while i >= 1 and i not in exclude:
-        text = table[i].text.lower()
-        if not text.isalpha() or text in _STOP or text in _SPLIT_TOKENS:
+    for token in reversed(words[:place]):
+        text = token.text.lower()
+        if token.index in exclude or not text.isalpha() or text in _STOP or text in _SPLIT_TOKENS:
             break
-        out.append(i)
-        i -= 1
+        out.append(token.index)
     return out[::-1]

@@ -82,7 +82,8 @@ def run(args) -> None:
             except json.JSONDecodeError:
                 continue
             done.add((r["config"], r["prompt"], r["seed"]))
-    pipe = load_pipeline()
+    pipe = load_pipeline(path=args.model) if args.model else load_pipeline()
+    steps, guidance = args.steps, args.guidance
     seeds = parse_seeds(args.seeds)
     for name in args.configs.split(","):
         spec = CONFIGS[name]
@@ -99,10 +100,12 @@ def run(args) -> None:
                 if not todo:
                     continue
                 gens = [torch.Generator("cpu").manual_seed(s) for s in todo]
-                call = dict(generator=gens, num_images_per_prompt=len(todo), num_inference_steps=50, guidance_scale=7.5)
+                call = dict(generator=gens, num_images_per_prompt=len(todo), num_inference_steps=steps,
+                            guidance_scale=guidance)
                 t0 = time.perf_counter()
                 if method is not None:
-                    images = [method.generate(prompt, prompt_targets(prompt), g, num_inference_steps=50, guidance_scale=7.5)
+                    images = [method.generate(prompt, prompt_targets(prompt), g, num_inference_steps=steps,
+                                              guidance_scale=guidance)
                               for g in gens]
                 elif reg is None:
                     images = pipe(prompt, **call).images
@@ -114,7 +117,7 @@ def run(args) -> None:
                         sc = score(prompt, im)
                         row = {"config": name, "kind": kind, "prompt": prompt, "seed": s, "success": bool(sc["success"]),
                                "shapes_present": bool(sc["shapes_present"]), "extra": int(sc["extra_objects"]),
-                               "seconds": dt}
+                               "seconds": dt, "steps": steps, "guidance": guidance}
                         f.write(json.dumps(row) + "\n")
                 if args.images:
                     d = Path(args.images) / name
@@ -155,6 +158,10 @@ def main() -> None:
     p.add_argument("--seeds", default="1000-1007")
     p.add_argument("--out", default="runs/design/rows.jsonl")
     p.add_argument("--images", default=None)
+    p.add_argument("--model", default=None, help="a pipeline folder (default: the embedded UNet model); rows do not "
+                   "record it, so give each model its own --out")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--summary", default=None, help="print the table of a rows file and exit")
     args = p.parse_args()
     torch.set_num_threads(1)

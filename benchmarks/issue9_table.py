@@ -6,6 +6,11 @@ the same detections on the pairs both have (same noise, same model, same code pa
 that agreement, and leaves the earlier rows out when it is not complete.
 
     python benchmarks/issue9_table.py runs/shapes-auto --earlier benchmarks/data/shapes-final.jsonl.gz
+    python benchmarks/issue9_table.py runs/shapes-auto --seeds 16-31          # one block of seeds only
+    python benchmarks/issue9_table.py runs/shapes-auto --baseline "auto without binding (default until 2026-11-30)"
+
+The default gained the binding term on 2026-11-30: its rows are the `attnreg-bind` method's (the same
+configuration), and the `attnreg` rows, measured with binding=0, are the earlier default.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ EARLIER = {
     ("attnreg", "2830fd"): "paper on the 8 x 8 layers (earlier run)",
     ("attend-and-excite", "72b5f3"): "Attend-and-Excite, defaults, 16 x 16 (earlier run)",
 }
-NAMES = {"sd": "sd", "attnreg": "attnreg default (auto)", "attnreg-bind": "auto + binding option",
+NAMES = {"sd": "sd", "attnreg": "auto without binding (default until 2026-11-30)",
+         "attnreg-bind": "attnreg default (auto, with binding)",
          "attnreg-paper": "paper as shipped",
          "attend-and-excite": "Attend-and-Excite, tuned on the design set (8 x 8 blocks, scale_factor 40)"}
 
@@ -67,21 +73,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder")
     ap.add_argument("--earlier", action="append", default=[])
+    ap.add_argument("--seeds", default=None, help="only these seeds, e.g. 16-31")
+    ap.add_argument("--baseline", default="sd", help="the row every other is paired with (a method's name here)")
     a = ap.parse_args()
     folder = Path(a.folder)
     rows = load(folder)
     sd_now = {(r["subset"], r["prompt"], r["seed"]): r["detections"] for r in rows if r["method"] == "sd"}
     for path in a.earlier:
         rows += load_earlier(Path(path), sd_now)
+    if a.seeds:
+        first, _, last = a.seeds.partition("-")
+        rows = [r for r in rows if int(first) <= r["seed"] <= int(last or first)]
     values = {r["key"]: r["success"] for r in rows}
     extra = {r["key"]: r["extra"] for r in rows}
     new = [r for r in rows if r.get("image")]
-    table = paired_comparison(new, values, extra=extra, out=folder)
-    table.update({k: v for k, v in paired_comparison(rows, values, extra=extra).items() if k not in table})
+    table = paired_comparison(new, values, a.baseline, extra=extra, out=folder)
+    table.update({k: v for k, v in paired_comparison(rows, values, a.baseline, extra=extra).items() if k not in table})
     seeds = {}
     for r in rows:
         seeds.setdefault((r["subset"], r["method"]), set()).add(r["seed"])
-    print("| kind | method | seeds | pairs | sd | method | difference [95 %] | wins / losses | McNemar p | kept "
+    print(f"paired with: {a.baseline}")
+    print("| kind | method | seeds | pairs | baseline | method | difference [95 %] | wins / losses | McNemar p | kept "
           "| extra objects (sd -> method) | pixel diff | SSIM | time vs sd |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (dataset, subset, method), r in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][2])):

@@ -20,10 +20,12 @@ bench() {
     --steps 50 --guidance 7.5 --out "$OUT" --warmup --no-progress --metrics none --no-report "$@"
 }
 # Measured before issue 12's fast path became the auto preset's default: the exact solver (fast=false) keeps
-# these rows' configuration, file names and images.
-bench --methods sd,attnreg --seeds 0-15 --set attnreg.fast=false
-bench --methods sd,attnreg --seeds 16-31 --set attnreg.fast=false
+# these rows' configuration, file names and images. `attnreg` here is the default before binding was switched
+# on (2026-11-30, binding=0); `attnreg-bind` (binding=1) is today's default, on seeds 0-31.
+bench --methods sd,attnreg --seeds 0-15 --set attnreg.fast=false --set attnreg.binding=0
+bench --methods sd,attnreg --seeds 16-31 --set attnreg.fast=false --set attnreg.binding=0
 bench --methods attnreg-bind --seeds 0-15 --set attnreg-bind.fast=false
+bench --methods attnreg-bind --seeds 16-31 --set attnreg-bind.fast=false
 bench --methods attnreg-paper --seeds 0-15
 bench --methods attnreg-paper --seeds 0-15 --set "attnreg-paper.layers=$EIGHT"
 # Attend-and-Excite at the setting chosen on the design set (RESULTS.md: ae8_s40)

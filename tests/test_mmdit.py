@@ -7,7 +7,6 @@ import torch
 
 from attnreg import (
     AttentionRegulator,
-    ConfigError,
     GuidanceError,
     LayerError,
     RegulationConfig,
@@ -75,6 +74,24 @@ def test_sd3_targets_are_t5_columns_after_the_77_clip_columns(sd3):
     # CLIP on request: the same words at their CLIP positions (SOS at 0).
     clip = AttentionRegulator(sd3, text_stream="clip").resolve(PROMPT, ["circle", "square"])
     assert clip["indices"] == [3, 7] and clip["stream"] == "clip"
+
+
+def test_binding_pairs_modifiers_in_the_target_stream(sd3, sd3_clip_only):
+    """The default's binding term on SD3: modifiers are found among the target stream's word tokens (T5
+    columns after the 77 CLIP ones, or CLIP's own), and an image with modifiers is regulated."""
+    t5 = AttentionRegulator(sd3, RegulationConfig.from_preset("auto", neglect_ratio=1.0))
+    assert t5.config.binding > 0  # on in the default
+    plan = t5.plan(PROMPT, ["circle", "square"], **CALL)
+    info = t5.last_targets[0]
+    assert info["modifiers"] == ["red -> circle", "blue -> square"]
+    table = {t.text: t.index for t in t5.token_table(PROMPT)}
+    assert plan.image_targets[0] == (table["circle"], table["square"], table["red"], table["blue"])
+    assert plan.image_pairs[0] == ((2, 0), (3, 1)) and plan.image_nouns[0] == 2
+    assert not np.allclose(images(t5, targets=["circle", "square"]), images(sd3))
+    clip = AttentionRegulator(sd3_clip_only)
+    clip.plan(PROMPT, ["circle", "square"], **CALL)
+    assert clip.last_targets[0]["modifiers"] == ["red -> circle", "blue -> square"]
+    assert clip.plan("a circle and a square", ["circle", "square"], **CALL).image_pairs[0] == ()
 
 
 def test_sd3_without_t5_uses_the_clip_columns(sd3_clip_only):
@@ -215,8 +232,6 @@ def test_guidance_and_options_that_cannot_be_regulated(sd3):
         images(reg, targets=["circle"], guidance_scale=1.0)
     with pytest.raises(ValueError, match="prompt_3 is not supported"):
         images(reg, targets=["circle"], prompt_3="a cat")
-    with pytest.raises(ConfigError, match="binding"):
-        AttentionRegulator(sd3, RegulationConfig.from_preset("auto", binding=1.0))
     assert_untouched(sd3, originals)
 
 

@@ -108,9 +108,11 @@ class AttnReg(Method):
         return self.regulator(prompt, targets=list(targets), generator=generator, **call).images[0]
 
 
-# the preset faithful to the authors' release; and the default with attribute binding
+# the preset faithful to the authors' release; and binding=1, the default's since 2026-11-30 (the name stays so
+# that runs made when binding was an option resolve to the same configuration)
 register_method(AttnReg, "attnreg-paper", "Attention Regulation, the authors' release (paper preset)", preset="paper")
-register_method(AttnReg, "attnreg-bind", "Attention Regulation, the default plus the binding option", binding=1.0)
+register_method(AttnReg, "attnreg-bind", "Attention Regulation with binding=1 (the default's since 2026-11-30)",
+                binding=1.0)
 
 
 def cross_attention_resolution(unet, height: int, vae_scale_factor: int, layers=None) -> tuple[int, int]:
