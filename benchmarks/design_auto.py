@@ -53,6 +53,9 @@ CONFIGS = {
     # fewer edited steps (issue 9's "kept" and three objects; exact solver, like the rows above)
     "auto_lift2_e10": ("auto", {"lift": 2.0, "edit_steps": 10, "fast": False}),
     "auto_lift2_e15": ("auto", {"lift": 2.0, "edit_steps": 15, "fast": False}),
+    # the embedded MMDiT (--model): every joint block instead of the default's one, and a stronger lift
+    "mm_all": ("auto", {"layers": ("0", "1", "2", "3")}),
+    "mm_all_lift4": ("auto", {"layers": ("0", "1", "2", "3"), "lift": 4.0}),
 }
 
 
