@@ -56,6 +56,8 @@ CONFIGS = {
     # the embedded MMDiT (--model): every joint block instead of the default's one, and a stronger lift
     "mm_all": ("auto", {"layers": ("0", "1", "2", "3")}),
     "mm_all_lift4": ("auto", {"layers": ("0", "1", "2", "3"), "lift": 4.0}),
+    "mm_lift8": ("auto", {"lift": 8.0}),
+    "mm_all_lift16": ("auto", {"layers": ("0", "1", "2", "3"), "lift": 16.0}),
 }
 
 
