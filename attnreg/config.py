@@ -91,6 +91,9 @@ class RegulationConfig:
         (kept 88 % against 79 %), three objects +7.3 against +9.4 (within noise). Targets without
         modifiers ("a cat and a dog") have no pairs and take the fast path; groups with modifiers take the
         binding solver (autograd, the exact steps), which costs about what the exact solver does.
+      separation (an option, 0 = off; tried 2026-11-30, see benchmarks/RESULTS.md): also push every two
+        nouns' maps apart (`separation_loss`, their mean Bhattacharyya overlap), for pictures that draw
+        two objects in one place. Solved with the binding solver.
       compile ("auto", "on", "off"; every preset): run the fast solver through torch.compile. "auto"
         compiles on CUDA only, because on CPU the first call's compile (10-75 s here) outweighs what it
         saves unless one process makes hundreds of images; a failure to compile falls back to eager with
@@ -120,6 +123,7 @@ class RegulationConfig:
     neglect_ratio: float | None = None
     layer_choice: str = "model"
     binding: float = 0.0
+    separation: float = 0.0
     fast: bool = False
     compile: str = "auto"
     preset: str = field(default="paper", compare=False)
@@ -163,6 +167,10 @@ class RegulationConfig:
             problems.append(f"layer_choice={self.layer_choice!r} is not one of {', '.join(LAYER_CHOICES)}")
         if not self.binding >= 0:
             problems.append(f"binding={self.binding!r} must be >= 0")
+        if not self.separation >= 0:
+            problems.append(f"separation={self.separation!r} must be >= 0")
+        if self.separation > 0 and self.loss != "relative":
+            problems.append("separation needs loss='relative' (the auto preset)")
         if self.binding > 0 and self.loss != "relative":
             problems.append("binding needs loss='relative' (the auto preset)")
         if self.fast and self.loss != "relative":
@@ -196,6 +204,8 @@ class RegulationConfig:
             # Left out when off: configurations (and benchmark file names, which hash them) from before the
             # field existed stay the same.
             del d["fast"]
+        if not self.separation:
+            del d["separation"]  # an option added later; off leaves earlier hashes as they were
         if self.compile == "auto":
             del d["compile"]  # a runtime choice (the same results to float rounding); kept out of old hashes
         return d

@@ -443,6 +443,21 @@ def binding_loss(probs: torch.Tensor, pairs: tuple[tuple[int, int], ...], nouns:
     return total / max(len(pairs), 1)
 
 
+def separation_loss(probs: torch.Tensor, nouns: tuple[int, ...]) -> torch.Tensor:
+    """Per row (B,): the mean Bhattacharyya overlap BC of every two nouns' maps (see `binding_loss`), 0 for
+    disjoint maps; two objects drawn in one place is one of the two-object failures."""
+    maps = probs / probs.sum(dim=1, keepdim=True)
+    overlaps = [torch.sqrt(maps[..., a] * maps[..., b] + 1e-20).sum(dim=1)
+                for i, a in enumerate(nouns) for b in nouns[i + 1:]]
+    return torch.stack(overlaps).mean(dim=0) if overlaps else probs.new_zeros(probs.shape[0])
+
+
+def needs_autograd(pairs, n_nouns: int, config) -> bool:
+    """Whether a group's solve takes `optimise_rows_bound` (binding pairs, or separation of two or more
+    nouns); it is never compiled."""
+    return bool(pairs and config.binding > 0) or (getattr(config, "separation", 0.0) > 0 and n_nouns > 1)
+
+
 def optimise_rows_bound(
     target_logits: torch.Tensor,
     rest_lse: torch.Tensor,
@@ -456,9 +471,11 @@ def optimise_rows_bound(
     iterations: int = 20,
     lr: float = 1.0,
     loss: RelativeLoss = RelativeLoss(),
+    separation: float = 0.0,
 ) -> SolverResult:
     """`optimise_rows` with the binding term added: the relative loss on the first `n_nouns` columns
-    (the nouns), `binding` x `binding_loss` over the (modifier, noun) column `pairs`. Autograd, per row."""
+    (the nouns), `binding` x `binding_loss` over the (modifier, noun) column `pairs`, and `separation` x
+    `separation_loss` of the nouns. Autograd, per row."""
     target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
     nouns = tuple(range(n_nouns))
     unregularised = dataclasses.replace(loss, epsilon=0.0)  # L_reg below covers every column, modifiers too
@@ -466,7 +483,8 @@ def optimise_rows_bound(
     def per_row(w: torch.Tensor) -> torch.Tensor:
         probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))
         value = relative_loss(probs[..., :n_nouns], w, ref_high.float(), ref_mean.float(), unregularised)
-        return value + loss.epsilon * (w**2).mean(dim=(1, 2)) + binding * binding_loss(probs, pairs, nouns)
+        value = value + loss.epsilon * (w**2).mean(dim=(1, 2)) + binding * binding_loss(probs, pairs, nouns)
+        return value + separation * separation_loss(probs, nouns) if separation > 0 else value
 
     def loss_and_grad(w: torch.Tensor):
         w = w.clone().requires_grad_(True)
@@ -527,10 +545,10 @@ def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_
             images=target_logits.shape[0] // heads,
         )
     ref_high, ref_mean = reference_levels(unedited[..., :n_nouns], config.quantile)
-    if pairs and config.binding > 0:
+    if needs_autograd(pairs, n_nouns, config):
         return optimise_rows_bound(
             target_logits, rest_lse, bases, init, ref_high, ref_mean, pairs, n_nouns, config.binding,
-            config.iterations, config.lr, config.loss_weights,
+            config.iterations, config.lr, config.loss_weights, getattr(config, "separation", 0.0),
         )
     if getattr(config, "fast", False):
         return fast_optimise_rows(
@@ -575,8 +593,8 @@ def regulate_step(
     edit_rows = None if edit_images is None else edit_images.repeat_interleave(heads)
     # the step enters as a tensor so that a compiled `edit` is not specialised to each step
     decay = torch.tensor(config.decay**step, device=scores.device)
-    if edit is None or (pairs and config.binding > 0):
-        edit = edit_group  # the binding solver (autograd) is never compiled
+    if edit is None or needs_autograd(pairs, n_nouns, config):
+        edit = edit_group  # the autograd solver is never compiled
     return edit(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos, config, heads, n_nouns,
                 pairs)
 

@@ -57,6 +57,9 @@ CONFIGS = {
     "mm_all": ("auto", {"layers": ("0", "1", "2", "3")}),
     "mm_all_lift4": ("auto", {"layers": ("0", "1", "2", "3"), "lift": 4.0}),
     "mm_lift8": ("auto", {"lift": 8.0}),
+    # the separation option on top of today's default (lift 2, binding 1); the default's own rows are auto_lift2_bind
+    "auto_lift2_bind_sep1": ("auto", {"lift": 2.0, "binding": 1.0, "separation": 1.0}),
+    "auto_lift2_bind_sep3": ("auto", {"lift": 2.0, "binding": 1.0, "separation": 3.0}),
     "mm_all_lift16": ("auto", {"layers": ("0", "1", "2", "3"), "lift": 16.0}),
 }
 

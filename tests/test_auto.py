@@ -219,3 +219,28 @@ def test_binding_option_pairs_modifiers_and_lowers_its_loss():
     assert (result.loss < result.initial_loss).all()
     with pytest.raises(ConfigError, match="binding needs"):
         RegulationConfig.from_preset("paper", binding=1.0)
+
+
+def test_separation_option_pushes_two_nouns_apart():
+    from attnreg.regulation import needs_autograd, optimise_rows_bound, separation_loss
+
+    maps = torch.zeros(1, 4, 2)
+    maps[0, :2, 0] = maps[0, 2:, 1] = 0.5  # disjoint
+    assert float(separation_loss(maps, (0, 1))) == pytest.approx(0.0, abs=1e-6)
+    assert float(separation_loss(maps[..., [0, 0]], (0, 1))) == pytest.approx(1.0)  # the same map
+    logits, rest, bases = problem(b=3, n=2)
+    probs = target_probs(logits, rest, torch.zeros_like(logits))
+    ref_high, ref_mean = reference_levels(probs)
+    args = (logits.float(), rest.float(), bases.float(), torch.zeros(3, 49, 2), ref_high, ref_mean, (), 2, 0.0)
+    plain = optimise_rows_bound(*args)
+    apart = optimise_rows_bound(*args, separation=5.0)
+    after = target_probs(logits, rest, offsets_from_weights(apart.weights, bases))
+    before = target_probs(logits, rest, offsets_from_weights(plain.weights, bases))
+    assert (separation_loss(after, (0, 1)) < separation_loss(before, (0, 1))).all()
+    config = RegulationConfig.from_preset("auto", separation=1.0)
+    assert needs_autograd((), 2, config) and not needs_autograd((), 1, config)
+    assert "separation" not in RegulationConfig.from_preset("auto").to_dict()  # earlier hashes unchanged
+    with pytest.raises(ConfigError, match="separation"):
+        RegulationConfig.from_preset("auto", separation=-1.0)
+    with pytest.raises(ConfigError, match="separation needs"):
+        RegulationConfig.from_preset("paper", separation=1.0)
