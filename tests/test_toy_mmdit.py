@@ -140,6 +140,12 @@ def test_short_names(capsys):
         err = capsys.readouterr().err
         assert "argument --model: the embedded model 'toy-mmdit' is not trained yet" in err
         assert "attnreg toy train --arch mmdit --export attnreg/toy/model-mmdit" in err
+    else:  # the shipped weights: an SD3 pipeline that draws, and calibrated on the UNet model's prompts
+        shipped = load_pipeline(name="toy-mmdit")
+        assert type(shipped).__name__ == "StableDiffusion3Pipeline"
+        assert shipped(PROMPT, generator=gen(), num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+        spec = json.loads((model_path("toy-mmdit") / "attnreg.json").read_text())
+        assert spec["calibration"]["layers"] and spec["calibration_prompts"]
     from attnreg.commands.common import model_name
 
     assert model_name("toy-unet") is None  # the default: records name it "embedded", as without --model

@@ -224,6 +224,13 @@ def build_pipeline(cfg: MMDiTConfig, ema_weights=None):
     )
 
 
+def calibration_prompts() -> dict:
+    """The UNet model's calibration prompts and their note (its attnreg.json, the one place they are kept):
+    the same world, so both models are calibrated on the same prompts, none of them the table's."""
+    spec = json.loads((model_path("toy-unet") / "attnreg.json").read_text())
+    return {k: spec[k] for k in ("calibration_prompts", "calibration_prompts_note") if k in spec}
+
+
 def export_mmdit(cfg: MMDiTConfig, out: Path, dest: Path, ema_weights=None, losses: LossLog | None = None,
                  step: int = 0) -> Path:
     """Write the StableDiffusion3Pipeline (EMA weights) to `dest` with save_pretrained, plus attnreg.json."""
@@ -253,6 +260,7 @@ def export_mmdit(cfg: MMDiTConfig, out: Path, dest: Path, ema_weights=None, loss
         "shapes": list(SHAPES),
         "colours": list(COLOUR_NAMES),
         "train_step": step,
+        **calibration_prompts(),
         "note": f"Toy SD3 (MMDiT) trained on coloured-shape scenes by `{TRAIN_COMMAND}`; see attnreg/toy/README.md.",
     }
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
