@@ -164,3 +164,14 @@ def test_bench_runs_on_the_mmdit_export(run, tmp_path):
     images = sorted((tmp_path / "bench" / "images").rglob("*.png"))
     assert len(images) == 2 and all(Image.open(p).size == (64, 64) for p in images)
     assert (tmp_path / "bench" / "report.md").exists()
+
+
+def test_explain_command_on_the_mmdit_export(run, tmp_path, capsys):
+    # `attnreg explain --model FOLDER` on an SD3 folder: maps of the joint attention's image-to-text part
+    _, export, _ = run
+    out = tmp_path / "explain"
+    assert cli(["explain", PROMPT, "--model", str(export), "--steps", "2", "--threads", "1", "--out", str(out)]) == 0
+    assert {"maps.png", "stats.png", "compare.png", "explain.json"} <= {p.name for p in out.iterdir()}
+    info = json.loads((out / "explain.json").read_text())
+    assert "joint attention" in info["maps"] and info["recorded_layers"]
+    assert "circle" in capsys.readouterr().out  # the diagnosis names the targets
