@@ -430,11 +430,7 @@ def binding_loss(probs: torch.Tensor, pairs: tuple[tuple[int, int], ...], nouns:
     each (modifier m, noun t) pair costs max_{o != t} BC(m, o) - BC(m, t); the mean over pairs.
     `pairs` and `nouns` index the columns of `probs` (B, P, n).
     """
-    maps = probs / probs.sum(dim=1, keepdim=True)
-
-    def overlap(a: int, b: int) -> torch.Tensor:
-        return torch.sqrt(maps[..., a] * maps[..., b] + 1e-20).sum(dim=1)
-
+    overlap = bhattacharyya(probs)
     total = probs.new_zeros(probs.shape[0])
     for modifier, noun in pairs:
         others = [overlap(modifier, o) for o in nouns if o != noun]
@@ -443,12 +439,17 @@ def binding_loss(probs: torch.Tensor, pairs: tuple[tuple[int, int], ...], nouns:
     return total / max(len(pairs), 1)
 
 
+def bhattacharyya(probs: torch.Tensor):
+    """overlap(a, b) -> (B,): BC of columns a and b of `probs` (B, P, n), each map normalised to sum 1."""
+    maps = probs / probs.sum(dim=1, keepdim=True)
+    return lambda a, b: torch.sqrt(maps[..., a] * maps[..., b] + 1e-20).sum(dim=1)
+
+
 def separation_loss(probs: torch.Tensor, nouns: tuple[int, ...]) -> torch.Tensor:
     """Per row (B,): the mean Bhattacharyya overlap BC of every two nouns' maps (see `binding_loss`), 0 for
     disjoint maps; two objects drawn in one place is one of the two-object failures."""
-    maps = probs / probs.sum(dim=1, keepdim=True)
-    overlaps = [torch.sqrt(maps[..., a] * maps[..., b] + 1e-20).sum(dim=1)
-                for i, a in enumerate(nouns) for b in nouns[i + 1:]]
+    overlap = bhattacharyya(probs)
+    overlaps = [overlap(a, b) for i, a in enumerate(nouns) for b in nouns[i + 1:]]
     return torch.stack(overlaps).mean(dim=0) if overlaps else probs.new_zeros(probs.shape[0])
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from attnreg.eval.io import iter_records
 from attnreg.eval.metrics import load_scores
+from attnreg.eval.runner import parse_seeds
 from attnreg.eval.stats import paired_comparison
 
 # an earlier run's (method, config hash) -> the row's name here
@@ -82,8 +83,8 @@ def main() -> None:
     for path in a.earlier:
         rows += load_earlier(Path(path), sd_now)
     if a.seeds:
-        first, _, last = a.seeds.partition("-")
-        rows = [r for r in rows if int(first) <= r["seed"] <= int(last or first)]
+        keep = set(parse_seeds(a.seeds))
+        rows = [r for r in rows if r["seed"] in keep]
     values = {r["key"]: r["success"] for r in rows}
     extra = {r["key"]: r["extra"] for r in rows}
     new = [r for r in rows if r.get("image")]
