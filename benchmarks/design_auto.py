@@ -71,13 +71,9 @@ def design_prompts(kind: int, n: int) -> list[str]:
     return [p for p in shapes_prompts(kind, n + 30, seed=1) if p not in table][:n]
 
 
-def parse_seeds(text: str) -> list[int]:
-    a, _, b = text.partition("-")
-    return list(range(int(a), int(b or a) + 1))
-
-
 def run(args) -> None:
     from attnreg import AttentionRegulator, RegulationConfig
+    from attnreg.eval.runner import parse_seeds
     from attnreg.toy import load_pipeline, prompt_targets, score
 
     out = Path(args.out)
