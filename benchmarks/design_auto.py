@@ -61,6 +61,14 @@ CONFIGS = {
     "auto_lift2_bind_sep1": ("auto", {"lift": 2.0, "binding": 1.0, "separation": 1.0}),
     "auto_lift2_bind_sep3": ("auto", {"lift": 2.0, "binding": 1.0, "separation": 3.0}),
     "mm_all_lift16": ("auto", {"layers": ("0", "1", "2", "3"), "lift": 16.0}),
+    # 2026-11-30 night, on top of the default (lift 2, binding 1): more edited steps, a stronger lift or binding
+    "auto_lift2_bind_e35": ("auto", {"lift": 2.0, "binding": 1.0, "edit_steps": 35}),
+    "auto_lift2_bind_e50": ("auto", {"lift": 2.0, "binding": 1.0, "edit_steps": 50}),
+    "auto_lift3_bind": ("auto", {"lift": 3.0, "binding": 1.0}),
+    "auto_lift2_bind2": ("auto", {"lift": 2.0, "binding": 2.0}),
+    "auto_lift2_bind3": ("auto", {"lift": 2.0, "binding": 3.0}),
+    "auto_lift2_bind4": ("auto", {"lift": 2.0, "binding": 4.0}),
+    "auto_lift2_bind_peak": ("auto", {"lift": 2.0, "binding": 1.0, "delta": 0.0}),
 }
 
 
