@@ -20,6 +20,7 @@ import gzip
 import json
 from pathlib import Path
 
+from attnreg.config import RegulationConfig
 from attnreg.eval.io import iter_records
 from attnreg.eval.metrics import load_scores
 from attnreg.eval.runner import parse_seeds
@@ -31,10 +32,21 @@ EARLIER = {
     ("attnreg", "2830fd"): "paper on the 8 x 8 layers (earlier run)",
     ("attend-and-excite", "72b5f3"): "Attend-and-Excite, defaults, 16 x 16 (earlier run)",
 }
-NAMES = {"sd": "sd", "attnreg": "auto without binding (default until 2026-11-30)",
-         "attnreg-bind": "attnreg default (auto, with binding)",
-         "attnreg-paper": "paper as shipped",
+NAMES = {"sd": "sd", "attnreg-paper": "paper as shipped",
          "attend-and-excite": "Attend-and-Excite, tuned on the design set (8 x 8 blocks, scale_factor 40)"}
+# the auto preset's rows are told apart by their binding weight (the `attnreg` method ran with binding 0 and 2,
+# `attnreg-bind` with 1); the weight the preset has now is labelled the default
+BINDING_NAMES = {0.0: "auto without binding (default until 2026-11-30)", 1.0: "auto, binding 1 (default 2026-11-30)",
+                 2.0: "auto, binding 2"}
+
+
+def method_name(record: dict) -> str:
+    if record["method"] not in ("attnreg", "attnreg-bind"):
+        return NAMES.get(record["method"], record["method"])
+    binding = float(record["config"].get("binding", 0.0))
+    if binding == RegulationConfig.from_preset("auto").binding:
+        return f"attnreg default (auto, binding {binding:g})"
+    return BINDING_NAMES.get(binding, f"auto, binding {binding:g}")
 
 
 def load(folder: Path) -> list[dict]:
@@ -45,7 +57,7 @@ def load(folder: Path) -> list[dict]:
         if s is None:
             continue
         rows.append({**r, "success": bool(s["success"]), "extra": s["extra_objects"] > 0,
-                     "detections": s.get("detections"), "method": NAMES.get(r["method"], r["method"])})
+                     "detections": s.get("detections"), "method": method_name(r)})
     return rows
 
 
