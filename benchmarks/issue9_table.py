@@ -9,8 +9,8 @@ that agreement, and leaves the earlier rows out when it is not complete.
     python benchmarks/issue9_table.py runs/shapes-auto --seeds 16-31          # one block of seeds only
     python benchmarks/issue9_table.py runs/shapes-auto --baseline "auto without binding (default until 2026-11-30)"
 
-The default gained the binding term on 2026-11-30: its rows are the `attnreg-bind` method's (the same
-configuration), and the `attnreg` rows, measured with binding=0, are the earlier default.
+The auto preset's rows are named by their binding weight (`attnreg` ran with binding 0 and 2, `attnreg-bind`
+with 1); the weight the preset has now is labelled the default.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ NAMES = {"sd": "sd", "attnreg-paper": "paper as shipped",
          "attend-and-excite": "Attend-and-Excite, tuned on the design set (8 x 8 blocks, scale_factor 40)"}
 # the auto preset's rows are told apart by their binding weight (the `attnreg` method ran with binding 0 and 2,
 # `attnreg-bind` with 1); the weight the preset has now is labelled the default
+DEFAULT_BINDING = RegulationConfig.from_preset("auto").binding
 BINDING_NAMES = {0.0: "auto without binding (default until 2026-11-30)", 1.0: "auto, binding 1 (default 2026-11-30)",
                  2.0: "auto, binding 2"}
 
@@ -44,7 +45,7 @@ def method_name(record: dict) -> str:
     if record["method"] not in ("attnreg", "attnreg-bind"):
         return NAMES.get(record["method"], record["method"])
     binding = float(record["config"].get("binding", 0.0))
-    if binding == RegulationConfig.from_preset("auto").binding:
+    if binding == DEFAULT_BINDING:
         return f"attnreg default (auto, binding {binding:g})"
     return BINDING_NAMES.get(binding, f"auto, binding {binding:g}")
 

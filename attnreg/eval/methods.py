@@ -108,8 +108,8 @@ class AttnReg(Method):
         return self.regulator(prompt, targets=list(targets), generator=generator, **call).images[0]
 
 
-# the preset faithful to the authors' release; and binding=1, the default's since 2026-11-30 (the name stays so
-# that runs made when binding was an option resolve to the same configuration)
+# the preset faithful to the authors' release; and binding=1, the default's on 2026-11-30 (2 since; the name stays
+# so that runs made with binding 1 resolve to the same configuration)
 register_method(AttnReg, "attnreg-paper", "Attention Regulation, the authors' release (paper preset)", preset="paper")
 register_method(AttnReg, "attnreg-bind", "Attention Regulation with binding=1 (the default's on 2026-11-30; 2 since)",
                 binding=1.0)
