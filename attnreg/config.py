@@ -97,6 +97,9 @@ class RegulationConfig:
       separation (an option, 0 = off; tried 2026-11-30, see benchmarks/RESULTS.md): also push every two
         nouns' maps apart (`separation_loss`, their mean Bhattacharyya overlap), for pictures that draw
         two objects in one place. Solved with the binding solver.
+      concentration (an option, 0 = off; tried 2026-12-01, see benchmarks/RESULTS.md): also gather each noun's
+        map into one place (`concentration_loss`: its spatial variance against the unedited one), against
+        three-object pictures that draw one shape twice and miss another. Solved with the binding solver.
       compile ("auto", "on", "off"; every preset): run the fast solver through torch.compile. "auto"
         compiles on CUDA only, because on CPU the first call's compile (10-75 s here) outweighs what it
         saves unless one process makes hundreds of images; a failure to compile falls back to eager with
@@ -127,6 +130,7 @@ class RegulationConfig:
     layer_choice: str = "model"
     binding: float = 0.0
     separation: float = 0.0
+    concentration: float = 0.0
     fast: bool = False
     compile: str = "auto"
     preset: str = field(default="paper", compare=False)
@@ -172,6 +176,10 @@ class RegulationConfig:
             problems.append(f"binding={self.binding!r} must be >= 0")
         if not self.separation >= 0:
             problems.append(f"separation={self.separation!r} must be >= 0")
+        if not self.concentration >= 0:
+            problems.append(f"concentration={self.concentration!r} must be >= 0")
+        if self.concentration > 0 and self.loss != "relative":
+            problems.append("concentration needs loss='relative' (the auto preset)")
         if self.separation > 0 and self.loss != "relative":
             problems.append("separation needs loss='relative' (the auto preset)")
         if self.binding > 0 and self.loss != "relative":
@@ -207,8 +215,9 @@ class RegulationConfig:
             # Left out when off: configurations (and benchmark file names, which hash them) from before the
             # field existed stay the same.
             del d["fast"]
-        if not self.separation:
-            del d["separation"]  # an option added later; off leaves earlier hashes as they were
+        for option in ("separation", "concentration"):
+            if not getattr(self, option):
+                del d[option]  # options added later; off leaves earlier hashes as they were
         if self.compile == "auto":
             del d["compile"]  # a runtime choice (the same results to float rounding); kept out of old hashes
         return d

@@ -246,7 +246,8 @@ def regulate_groups(state: RegulationState, layer: str, scores: torch.Tensor, pr
     restore_special off)."""
     plan, heads = state.plan, scores.shape[1]
     config = config or state.config
-    bases = state.bases(state.map_shape(n_pixels), scores.device)
+    hw = state.map_shape(n_pixels)
+    bases = state.bases(hw, scores.device)
     edit = editor(config)  # None: eager
     probs, changed = probs.clone(), []
     for (targets, n_nouns, pairs), images in plan.groups().items():
@@ -258,7 +259,7 @@ def regulate_groups(state: RegulationState, layer: str, scores: torch.Tensor, pr
         unedited = flat(probs)
         done = regulate_step(flat(scores), unedited, targets, bases, init, state.previous_best.get(key),
                              state.step, config, heads=heads, eos=eos, n_nouns=n_nouns, pairs=pairs,
-                             edit=edit)
+                             edit=edit, hw=hw)
         if done is None:  # no image of this group needs regulation at this step
             state.previous_best[key] = torch.zeros_like(init)
             continue

@@ -10,6 +10,7 @@ Nothing here knows about diffusers. Shapes use the paper's notation:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -453,10 +454,30 @@ def separation_loss(probs: torch.Tensor, nouns: tuple[int, ...]) -> torch.Tensor
     return torch.stack(overlaps).mean(dim=0) if overlaps else probs.new_zeros(probs.shape[0])
 
 
+def spread(probs: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, n): each column's spatial variance, the map normalised to sum 1 on an (H, W) grid, in units of
+    the map's side (a uniform square map: 1/6; one small blob: ~0.01; two blobs half the map apart: ~0.06)."""
+    height, width = hw
+    ys = torch.arange(height, device=probs.device, dtype=probs.dtype) / max(height - 1, 1)
+    xs = torch.arange(width, device=probs.device, dtype=probs.dtype) / max(width - 1, 1)
+    y, x = ys.repeat_interleave(width), xs.repeat(height)  # (P,), row-major like the maps
+    maps = probs / probs.sum(dim=1, keepdim=True)
+    variance = lambda c: (maps * c[:, None] ** 2).sum(dim=1) - (maps * c[:, None]).sum(dim=1) ** 2  # noqa: E731
+    return variance(y) + variance(x)
+
+
+def concentration_loss(probs: torch.Tensor, reference: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Per row (B,): the mean over the columns of `probs` (B, P, n) of their spread relative to the unedited
+    one (`reference`, (B, n)): 1 when unchanged, lower when a noun's attention gathers into one place.
+    Against the duplicated shape (three-object failures: one shape drawn twice, another missing)."""
+    return (spread(probs, hw) / reference).mean(dim=-1)
+
+
 def needs_autograd(pairs, n_nouns: int, config) -> bool:
-    """Whether a group's solve takes `optimise_rows_bound` (binding pairs, or separation of two or more
-    nouns); it is never compiled."""
-    return bool(pairs and config.binding > 0) or (getattr(config, "separation", 0.0) > 0 and n_nouns > 1)
+    """Whether a group's solve takes `optimise_rows_bound` (binding pairs, separation of two or more
+    nouns, or concentration); it is never compiled."""
+    return (bool(pairs and config.binding > 0) or (getattr(config, "separation", 0.0) > 0 and n_nouns > 1)
+            or getattr(config, "concentration", 0.0) > 0)
 
 
 def optimise_rows_bound(
@@ -473,18 +494,26 @@ def optimise_rows_bound(
     lr: float = 1.0,
     loss: RelativeLoss = RelativeLoss(),
     separation: float = 0.0,
+    concentration: float = 0.0,
+    hw: tuple[int, int] | None = None,
 ) -> SolverResult:
     """`optimise_rows` with the binding term added: the relative loss on the first `n_nouns` columns
-    (the nouns), `binding` x `binding_loss` over the (modifier, noun) column `pairs`, and `separation` x
-    `separation_loss` of the nouns. Autograd, per row."""
+    (the nouns), `binding` x `binding_loss` over the (modifier, noun) column `pairs`, `separation` x
+    `separation_loss` of the nouns and `concentration` x `concentration_loss` of the nouns on the (H, W)
+    map `hw`. Autograd, per row."""
     target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
     nouns = tuple(range(n_nouns))
     unregularised = dataclasses.replace(loss, epsilon=0.0)  # L_reg below covers every column, modifiers too
+    if concentration > 0:
+        unedited = target_probs(target_logits[..., :n_nouns], rest_lse, torch.zeros_like(target_logits[..., :n_nouns]))
+        reference = spread(unedited, hw)
 
     def per_row(w: torch.Tensor) -> torch.Tensor:
         probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))
         value = relative_loss(probs[..., :n_nouns], w, ref_high.float(), ref_mean.float(), unregularised)
         value = value + loss.epsilon * (w**2).mean(dim=(1, 2)) + binding * binding_loss(probs, pairs, nouns)
+        if concentration > 0:
+            value = value + concentration * concentration_loss(probs[..., :n_nouns], reference, hw)
         return value + separation * separation_loss(probs, nouns) if separation > 0 else value
 
     def loss_and_grad(w: torch.Tensor):
@@ -537,7 +566,7 @@ def images_to_edit(unedited, heads: int, n_nouns: int, pairs, config):
     return edit_images
 
 
-def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_nouns: int, pairs, config):
+def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_nouns: int, pairs, config, hw=None):
     """The bump weights for one group (a SolverResult). `config` is a RegulationConfig (its loss and
     solver fields)."""
     if config.loss != "relative":
@@ -550,6 +579,7 @@ def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_
         return optimise_rows_bound(
             target_logits, rest_lse, bases, init, ref_high, ref_mean, pairs, n_nouns, config.binding,
             config.iterations, config.lr, config.loss_weights, getattr(config, "separation", 0.0),
+            getattr(config, "concentration", 0.0), hw,
         )
     if getattr(config, "fast", False):
         return fast_optimise_rows(
@@ -576,6 +606,7 @@ def regulate_step(
     n_nouns: int | None = None,
     pairs: tuple = (),
     edit=None,
+    hw: tuple[int, int] | None = None,
 ) -> RegulatedStep | None:
     """Attention Regulation at one edited layer and step, for rows sharing `targets` (Sec. 4, Alg. 1).
 
@@ -595,13 +626,13 @@ def regulate_step(
     # the step enters as a tensor so that a compiled `edit` is not specialised to each step
     decay = torch.tensor(config.decay**step, device=scores.device)
     if edit is None or needs_autograd(pairs, n_nouns, config):
-        edit = edit_group  # the autograd solver is never compiled
+        edit = functools.partial(edit_group, hw=hw)  # the autograd solver is never compiled
     return edit(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos, config, heads, n_nouns,
                 pairs)
 
 
 def edit_group(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos, config, heads: int,
-               n_nouns: int, pairs) -> RegulatedStep:
+               n_nouns: int, pairs, hw=None) -> RegulatedStep:
     """Alg. 1 on the rows of one group: the solver finds bump weights w from `init`; the weights applied
     are `smoothed_weights` of the previous step's best (`previous`) and this step's, scaled by `decay`
     (decay**step); the offsets Delta = sum_k w_k G_k are added to the targets' (`t`) logits and the
@@ -613,7 +644,7 @@ def edit_group(scores, probs, unedited, t, bases, init, previous, decay, edit_ro
     is_target = torch.zeros(scores.shape[-1], dtype=torch.uint8, device=scores.device).index_fill_(0, t, 1)
     others = torch.argsort(is_target, stable=True)[: scores.shape[-1] - t.shape[0]]
     target_logits, rest_lse = scores[..., t], torch.logsumexp(scores.index_select(-1, others), dim=-1, keepdim=True)
-    result = solve_weights(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs, config)
+    result = solve_weights(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs, config, hw)
     applied = decay * smoothed_weights(previous, result.weights, 0, config.smoothing)
     if edit_rows is not None:
         applied = applied * edit_rows[:, None, None]

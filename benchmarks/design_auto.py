@@ -69,6 +69,12 @@ CONFIGS = {
     "auto_lift2_bind3": ("auto", {"lift": 2.0, "binding": 3.0}),
     "auto_lift2_bind4": ("auto", {"lift": 2.0, "binding": 4.0}),
     "auto_lift2_bind_peak": ("auto", {"lift": 2.0, "binding": 1.0, "delta": 0.0}),
+    # 2026-12-01, on top of the binding-2 default: gather each noun's map (against duplicated shapes), and the
+    # peak-only loss; on 30 new design prompts per kind (`--prompts 30`), seeds 2000-2007
+    "auto_default": ("auto", {}),
+    "auto_conc05": ("auto", {"concentration": 0.5}),
+    "auto_conc2": ("auto", {"concentration": 2.0}),
+    "auto_peak": ("auto", {"delta": 0.0}),
 }
 
 

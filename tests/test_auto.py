@@ -244,3 +244,35 @@ def test_separation_option_pushes_two_nouns_apart():
         RegulationConfig.from_preset("auto", separation=-1.0)
     with pytest.raises(ConfigError, match="separation needs"):
         RegulationConfig.from_preset("paper", separation=1.0)
+
+
+def test_concentration_option_gathers_a_split_map():
+    from attnreg.regulation import concentration_loss, needs_autograd, optimise_rows_bound, spread
+
+    one, two = torch.zeros(1, 64, 1), torch.zeros(1, 64, 1)
+    one[0, [27, 28, 35, 36], 0] = 0.25  # one blob in the middle of an 8 x 8 map
+    two[0, [0, 1, 8, 9, 54, 55, 62, 63], 0] = 0.125  # two blobs in opposite corners
+    assert float(spread(one, (8, 8))) < 0.02 < 0.3 < float(spread(two, (8, 8)))
+    assert float(concentration_loss(two, spread(two, (8, 8)), (8, 8))) == pytest.approx(1.0)
+    logits, rest, bases = problem(b=3, n=2)  # 8 x 8 maps
+    probs = target_probs(logits, rest, torch.zeros_like(logits))
+    ref_high, ref_mean = reference_levels(probs)
+    args = (logits.float(), rest.float(), bases.float(), torch.zeros(3, 49, 2), ref_high, ref_mean, (), 2, 0.0)
+    plain = optimise_rows_bound(*args)
+    gathered = optimise_rows_bound(*args, concentration=5.0, hw=(8, 8))
+    after = target_probs(logits, rest, offsets_from_weights(gathered.weights, bases))
+    before = target_probs(logits, rest, offsets_from_weights(plain.weights, bases))
+    assert (spread(after, (8, 8)) < spread(before, (8, 8))).all()
+    config = RegulationConfig.from_preset("auto", concentration=1.0)
+    assert needs_autograd((), 1, config)
+    assert "concentration" not in RegulationConfig.from_preset("auto").to_dict()  # earlier hashes unchanged
+    with pytest.raises(ConfigError, match="concentration"):
+        RegulationConfig.from_preset("auto", concentration=-1.0)
+    with pytest.raises(ConfigError, match="concentration needs"):
+        RegulationConfig.from_preset("paper", concentration=1.0)
+    # through the pipeline: a prompt with neglect is edited, and the picture differs from the default's
+    pipe = tiny_sd_pipeline()
+    kw = dict(num_inference_steps=STEPS, output_type="np", generator=gen())
+    out = AttentionRegulator(pipe, RegulationConfig.from_preset("auto", concentration=2.0, neglect_ratio=1.0))(
+        "a red cat and a blue dog", targets=["cat", "dog"], **kw).images
+    assert np.isfinite(out).all()
