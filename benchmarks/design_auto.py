@@ -7,7 +7,7 @@ skipped. One row per (config, prompt, seed) with the detector's verdict.
 
     OMP_NUM_THREADS=1 python benchmarks/design_auto.py --configs vanilla,auto --kinds 2,3 --prompts 12 \
         --seeds 1000-1007 --out runs/design/rows.jsonl
-    python benchmarks/design_auto.py --summary runs/design/rows.jsonl
+    python benchmarks/design_auto.py --summary runs/design/rows.jsonl --against auto
 """
 
 from __future__ import annotations
@@ -145,27 +145,57 @@ def run(args) -> None:
                 print(name, kind, prompt, f"{dt:.2f}s/img", flush=True)
 
 
-def summary(path: str) -> None:
-    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
-    base = {(r["prompt"], r["seed"]): r for r in rows if r["config"] == "vanilla"}
+def prompt_interval(paired, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the success difference (pp) with the prompts resampled, not the pairs: pictures of
+    one prompt fail together, so a pair bootstrap is too narrow."""
+    import numpy as np
+
+    by_prompt: dict[str, list[int]] = {}
+    for r, b in paired:
+        by_prompt.setdefault(r["prompt"], []).append(int(r["success"]) - int(b["success"]))
+    sums = np.array([sum(v) for v in by_prompt.values()], dtype=float)
+    counts = np.array([len(v) for v in by_prompt.values()], dtype=float)
+    pick = np.random.default_rng(seed).integers(0, len(sums), size=(draws, len(sums)))
+    diffs = 100 * sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def summary(paths: str, against: str | None = None) -> None:
+    """The table of one or more rows files (comma-separated): every config against vanilla, and with
+    `against` also against that config, on the same (prompt, seed) pairs."""
+    import gzip
+
+    read = lambda path: gzip.open(path, "rt").read() if path.endswith(".gz") else Path(path).read_text()  # noqa: E731
+    rows = [json.loads(x) for path in paths.split(",") for x in read(path).splitlines() if x.strip()]
     configs = list(dict.fromkeys(r["config"] for r in rows))
-    print("| config | kind | n | success | shapes present | extra-object rate | vs vanilla (pp) | wins / losses | kept |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    by = {c: {(r["prompt"], r["seed"]): r for r in rows if r["config"] == c} for c in configs}
+    refs = ["vanilla"] + ([against] if against else [])
+    head = "| config | kind | n | success | extra-object rate | kept |"
+    for ref in refs:
+        head += f" vs {ref} (pp) [95 %, prompts resampled] | wins / losses |"
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
     for kind in sorted({r["kind"] for r in rows}):
         for c in configs:
             rs = [r for r in rows if r["config"] == c and r["kind"] == kind]
             if not rs:
                 continue
             n = len(rs)
-            succ = sum(r["success"] for r in rs)
-            paired = [(r, base[(r["prompt"], r["seed"])]) for r in rs if (r["prompt"], r["seed"]) in base]
-            wins = sum(r["success"] and not b["success"] for r, b in paired)
-            losses = sum(b["success"] and not r["success"] for r, b in paired)
-            right = [(r, b) for r, b in paired if b["success"]]
-            kept = sum(r["success"] for r, b in right) / max(len(right), 1)
-            diff = 100 * (wins - losses) / max(len(paired), 1)
-            print(f"| {c} | {kind} | {n} | {100 * succ / n:.1f} % | {100 * sum(r['shapes_present'] for r in rs) / n:.1f} % | "
-                  f"{100 * sum(r['extra'] > 0 for r in rs) / n:.1f} % | {diff:+.1f} | {wins} / {losses} | {100 * kept:.0f} % |")
+            base = by["vanilla"]
+            right = [r for r in rs if (r["prompt"], r["seed"]) in base and base[(r["prompt"], r["seed"])]["success"]]
+            kept = sum(r["success"] for r in right) / max(len(right), 1)
+            line = (f"| {c} | {kind} | {n} | {100 * sum(r['success'] for r in rs) / n:.1f} % | "
+                    f"{100 * sum(r['extra'] > 0 for r in rs) / n:.1f} % | {100 * kept:.0f} % |")
+            for ref in refs:
+                paired = [(r, by[ref][(r["prompt"], r["seed"])]) for r in rs if (r["prompt"], r["seed"]) in by.get(ref, {})]
+                if c == ref or not paired:
+                    line += " | |"
+                    continue
+                wins = sum(r["success"] and not b["success"] for r, b in paired)
+                losses = sum(b["success"] and not r["success"] for r, b in paired)
+                low, high = prompt_interval(paired)
+                line += f" {100 * (wins - losses) / len(paired):+.1f} [{low:+.1f}, {high:+.1f}] | {wins} / {losses} |"
+            print(line)
 
 
 def main() -> None:
@@ -180,11 +210,12 @@ def main() -> None:
                    "record it, so give each model its own --out")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--summary", default=None, help="print the table of a rows file and exit")
+    p.add_argument("--summary", default=None, help="print the table of rows files (comma-separated) and exit")
+    p.add_argument("--against", default=None, help="with --summary: also pair every config with this one")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.summary:
-        summary(args.summary)
+        summary(args.summary, args.against)
     else:
         run(args)
 
