@@ -169,7 +169,7 @@ def summary(paths: str, against: str | None = None) -> None:
     rows = [json.loads(x) for path in paths.split(",") for x in read(path).splitlines() if x.strip()]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     by = {c: {(r["prompt"], r["seed"]): r for r in rows if r["config"] == c} for c in configs}
-    refs = ["vanilla"] + ([against] if against else [])
+    base, refs = by["vanilla"], ["vanilla"] + ([against] if against else [])
     head = "| config | kind | n | success | extra-object rate | kept |"
     for ref in refs:
         head += f" vs {ref} (pp) [95 %, prompts resampled] | wins / losses |"
@@ -181,7 +181,6 @@ def summary(paths: str, against: str | None = None) -> None:
             if not rs:
                 continue
             n = len(rs)
-            base = by["vanilla"]
             right = [r for r in rs if (r["prompt"], r["seed"]) in base and base[(r["prompt"], r["seed"])]["success"]]
             kept = sum(r["success"] for r in right) / max(len(right), 1)
             line = (f"| {c} | {kind} | {n} | {100 * sum(r['success'] for r in rs) / n:.1f} % | "

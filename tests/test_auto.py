@@ -270,9 +270,12 @@ def test_concentration_option_gathers_a_split_map():
         RegulationConfig.from_preset("auto", concentration=-1.0)
     with pytest.raises(ConfigError, match="concentration needs"):
         RegulationConfig.from_preset("paper", concentration=1.0)
-    # through the pipeline: a prompt with neglect is edited, and the picture differs from the default's
+    # through the pipeline (the map's shape reaches the solver): every call edited, the picture differs from
+    # the same call without the option
     pipe = tiny_sd_pipeline()
-    kw = dict(num_inference_steps=STEPS, output_type="np", generator=gen())
-    out = AttentionRegulator(pipe, RegulationConfig.from_preset("auto", concentration=2.0, neglect_ratio=1.0))(
-        "a red cat and a blue dog", targets=["cat", "dog"], **kw).images
+    kw = dict(num_inference_steps=STEPS, output_type="np")
+    call = lambda **o: AttentionRegulator(pipe, RegulationConfig.from_preset("auto", neglect_ratio=1.0, **o))(  # noqa: E731
+        "a red cat and a blue dog", targets=["cat", "dog"], generator=gen(), **kw).images
+    out = call(concentration=2.0)
     assert np.isfinite(out).all()
+    assert not np.array_equal(out, call())
