@@ -474,10 +474,10 @@ def concentration_loss(probs: torch.Tensor, reference: torch.Tensor, hw: tuple[i
 
 
 def needs_autograd(pairs, n_nouns: int, config) -> bool:
-    """Whether a group's solve takes `optimise_rows_bound` (binding pairs, separation of two or more
-    nouns, or concentration); it is never compiled."""
-    return (bool(pairs and config.binding > 0) or (getattr(config, "separation", 0.0) > 0 and n_nouns > 1)
-            or getattr(config, "concentration", 0.0) > 0)
+    """Whether a group's solve takes `optimise_rows_bound` (binding pairs, or separation of two or more
+    nouns); it is never compiled. Concentration is a term of that solver and does not send a group to it:
+    it was measured only where binding runs, and groups without modifiers keep the fast, compiled path."""
+    return bool(pairs and config.binding > 0) or (getattr(config, "separation", 0.0) > 0 and n_nouns > 1)
 
 
 def optimise_rows_bound(

@@ -34,20 +34,22 @@ EARLIER = {
 }
 NAMES = {"sd": "sd", "attnreg-paper": "paper as shipped",
          "attend-and-excite": "Attend-and-Excite, tuned on the design set (8 x 8 blocks, scale_factor 40)"}
-# the auto preset's rows are told apart by their binding weight (the `attnreg` method ran with binding 0 and 2,
-# `attnreg-bind` with 1); the weight the preset has now is labelled the default
-DEFAULT_BINDING = RegulationConfig.from_preset("auto").binding
+# the auto preset's rows are told apart by their binding and concentration weights (the `attnreg` method ran with
+# binding 0 and 2, `attnreg-bind` with 1); the weights the preset has now are labelled the default
+DEFAULT = RegulationConfig.from_preset("auto")
 BINDING_NAMES = {0.0: "auto without binding (default until 2026-11-30)", 1.0: "auto, binding 1 (default 2026-11-30)",
-                 2.0: "auto, binding 2"}
+                 2.0: "auto, binding 2 (default 2026-11-30 night to 2026-12-01)"}
 
 
 def method_name(record: dict) -> str:
     if record["method"] not in ("attnreg", "attnreg-bind"):
         return NAMES.get(record["method"], record["method"])
     binding = float(record["config"].get("binding", 0.0))
-    if binding == DEFAULT_BINDING:
-        return f"attnreg default (auto, binding {binding:g})"
-    return BINDING_NAMES.get(binding, f"auto, binding {binding:g}")
+    concentration = float(record["config"].get("concentration", 0.0))
+    if (binding, concentration) == (DEFAULT.binding, DEFAULT.concentration):
+        return f"attnreg default (auto, binding {binding:g}" + (f", concentration {concentration:g})" if concentration else ")")
+    name = BINDING_NAMES.get(binding, f"auto, binding {binding:g}")
+    return f"{name}, concentration {concentration:g}" if concentration else name
 
 
 def load(folder: Path) -> list[dict]:

@@ -264,8 +264,11 @@ def test_concentration_option_gathers_a_split_map():
     before = target_probs(logits, rest, offsets_from_weights(plain.weights, bases))
     assert (spread(after, (8, 8)) < spread(before, (8, 8))).all()
     config = RegulationConfig.from_preset("auto", concentration=1.0)
-    assert needs_autograd((), 1, config)
-    assert "concentration" not in RegulationConfig.from_preset("auto").to_dict()  # earlier hashes unchanged
+    assert needs_autograd(((2, 0),), 2, config)  # a term of the binding solver...
+    assert not needs_autograd((), 2, config)  # ...which groups without modifiers do not take (fast path)
+    assert RegulationConfig.from_preset("auto").concentration == 2.0  # the default since 2026-12-01
+    assert "concentration" not in config.replace(concentration=0.0).to_dict()  # earlier hashes unchanged
+    assert not needs_autograd(((2, 0),), 2, config.replace(binding=0.0))  # binding off switches it off too
     with pytest.raises(ConfigError, match="concentration"):
         RegulationConfig.from_preset("auto", concentration=-1.0)
     with pytest.raises(ConfigError, match="concentration needs"):
@@ -276,6 +279,6 @@ def test_concentration_option_gathers_a_split_map():
     kw = dict(num_inference_steps=STEPS, output_type="np")
     call = lambda **o: AttentionRegulator(pipe, RegulationConfig.from_preset("auto", neglect_ratio=1.0, **o))(  # noqa: E731
         "a red cat and a blue dog", targets=["cat", "dog"], generator=gen(), **kw).images
-    out = call(concentration=2.0)
+    out = call()
     assert np.isfinite(out).all()
-    assert not np.array_equal(out, call())
+    assert not np.array_equal(out, call(concentration=0.0))
