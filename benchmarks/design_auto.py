@@ -70,11 +70,16 @@ CONFIGS = {
     "auto_lift2_bind4": ("auto", {"lift": 2.0, "binding": 4.0}),
     "auto_lift2_bind_peak": ("auto", {"lift": 2.0, "binding": 1.0, "delta": 0.0}),
     # 2026-12-01, on top of the binding-2 default: gather each noun's map (against duplicated shapes), and the
-    # peak-only loss; on 30 new design prompts per kind (`--prompts 30`), seeds 2000-2007
-    "auto_default": ("auto", {}),
+    # peak-only loss; on 30 new design prompts per kind (`--prompts 30`), seeds 2000-2007. Rows name the
+    # options the preset has gained since (the preset of their day had binding 2 and no concentration); older
+    # rows above ran with the preset of their day, whose binding was 0 before 2026-11-30 evening.
+    "auto_default": ("auto", {"binding": 2.0, "concentration": 0.0}),
     "auto_conc05": ("auto", {"concentration": 0.5}),
-    "auto_conc2": ("auto", {"concentration": 2.0}),
-    "auto_peak": ("auto", {"delta": 0.0}),
+    "auto_conc2": ("auto", {"concentration": 2.0}),  # the default since 2026-12-01
+    "auto_peak": ("auto", {"delta": 0.0, "concentration": 0.0}),
+    # 2026-12-01 later, on top of the concentration-2 default: a stronger concentration
+    "auto_conc4": ("auto", {"concentration": 4.0}),
+    "auto_conc8": ("auto", {"concentration": 8.0}),
 }
 
 

@@ -12,7 +12,8 @@ Two models:
     three-object prompts, the calibrated layer: issue 12's first row.
 
 Methods: sd; auto (the default, fast path on); auto-exact (fast=False, issue 9's solver); paper; and on
-request auto-every / auto-exact-every, and auto-compiled(-every) (compile="on": torch.compile also on CPU; no
+request auto-every / auto-exact-every, auto-no-concentration (binding 2 alone, the default before 2026-12-01), and
+auto-compiled(-every) (compile="on": torch.compile also on CPU; no
 dispatch-mode operator count, since torch.compile does not run under one: benchmarks/compiled_edit.py
 counts the edit's launches alone; the profiler column counts them in the whole pipeline). They are timed in turn within each repeat (drift hits all alike);
 seconds per image are medians over repeats. Then, per method, the ATen operator calls that compute (each at
@@ -48,7 +49,8 @@ from attnreg import AttentionRegulator, RegulationConfig
 from attnreg.tokenizer import load_clip_tokenizer
 
 PROMPT, TARGETS = "a painting of an elephant with glasses", ["elephant", "glasses"]
-METHODS = ("sd", "auto", "auto-exact", "paper", "auto-every", "auto-exact-every", "auto-compiled", "auto-compiled-every")
+METHODS = ("sd", "auto", "auto-exact", "paper", "auto-every", "auto-exact-every", "auto-compiled", "auto-compiled-every",
+           "auto-no-concentration")
 
 
 def sd15_pipeline(device: str, dtype: torch.dtype):
@@ -170,6 +172,8 @@ def config_of(method: str, layers) -> RegulationConfig:
         overrides["fast"] = False
     if method.startswith("auto-compiled"):
         overrides["compile"] = "on"  # torch.compile on any device; its warm-up call pays the compiling
+    if method == "auto-no-concentration":
+        overrides["concentration"] = 0.0  # the default of 2026-11-30 night (binding 2 alone)
     if method.endswith("-every"):
         overrides["neglect_ratio"] = None  # every call edited
     return RegulationConfig.from_preset(preset, **overrides)

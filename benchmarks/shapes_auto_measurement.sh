@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's measurement on the embedded model: shapes 1obj/2obj/3obj, 30 prompts per kind (1obj has its 18
-# distinct prompts), 50 steps, guidance 7.5, the `detect` scorer. Rows: sd and the default (`attnreg`, the
-# auto preset) on seeds 0-31; `paper` as shipped, `paper` on the 8 x 8 layers, the binding option and
+# distinct prompts), 50 steps, guidance 7.5, the `detect` scorer. Rows: sd, the default (`attnreg`, the
+# auto preset) and the earlier defaults on seeds 0-31; `paper` as shipped, `paper` on the 8 x 8 layers, the binding option and
 # Attend-and-Excite at the setting chosen on the design set, on seeds 0-15. Every design choice was made on
 # other prompts and seeds (benchmarks/design_auto.py: shapes_prompts(., seed=1) minus these, seeds 1000+).
 # Two processes of one thread each; resumable: rerun the same command after a stop. The phases come in the
@@ -21,11 +21,20 @@ bench() {
 }
 # Measured before issue 12's fast path became the auto preset's default: the exact solver (fast=false) keeps
 # these rows' configuration, file names and images. `attnreg` here is the default before binding was switched
-# on (2026-11-30, binding=0); `attnreg-bind` (binding=1) is today's default, on seeds 0-31.
-bench --methods sd,attnreg --seeds 0-15 --set attnreg.fast=false --set attnreg.binding=0
-bench --methods sd,attnreg --seeds 16-31 --set attnreg.fast=false --set attnreg.binding=0
+# on (2026-11-30, binding=0); `attnreg-bind` (binding=1) the default of 2026-11-30. concentration=0: the
+# option did not exist then (0 leaves it out of the configuration's hash, so the file names are the same);
+# binding=0.0, not 0: the records were written with the preset's float, and an int hashes apart.
+bench --methods sd,attnreg --seeds 0-15 --set attnreg.fast=false --set attnreg.binding=0.0 --set attnreg.concentration=0
+bench --methods sd,attnreg --seeds 16-31 --set attnreg.fast=false --set attnreg.binding=0.0 --set attnreg.concentration=0
 bench --methods attnreg-bind --seeds 0-15 --set attnreg-bind.fast=false
 bench --methods attnreg-bind --seeds 16-31 --set attnreg-bind.fast=false
+# binding 2, the default from 2026-11-30 night to 2026-12-01, then today's default (binding 2, concentration 2).
+# The values are written as the measured runs wrote them (ints): an int and a float hash apart, so the preset's
+# own 2.0 gives the same images under other file names (checked on seed 0: 78 of 78 byte-identical).
+bench --methods attnreg --seeds 0-15 --set attnreg.binding=2 --set attnreg.concentration=0
+bench --methods attnreg --seeds 16-31 --set attnreg.binding=2 --set attnreg.concentration=0
+bench --methods attnreg --seeds 0-15 --set attnreg.concentration=2
+bench --methods attnreg --seeds 16-31 --set attnreg.concentration=2
 bench --methods attnreg-paper --seeds 0-15
 bench --methods attnreg-paper --seeds 0-15 --set "attnreg-paper.layers=$EIGHT"
 # Attend-and-Excite at the setting chosen on the design set (RESULTS.md: ae8_s40)
