@@ -210,6 +210,10 @@ class RegulationConfig:
         """A preset by name, with any field overridden."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(k for k in overrides if k not in fields)
+        if bad:
+            raise ConfigError(f"unknown option(s) {', '.join(bad)}; valid: {', '.join(sorted(fields))}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
     def replace(self, **overrides) -> "RegulationConfig":

@@ -61,6 +61,20 @@ def test_generate_defaults_to_the_auto_preset(tiny_model, tmp_path, capsys):
     assert "fast" not in json.loads(next(exact.glob("*.json")).read_text())["config"]  # the exact solver's config
 
 
+def test_generate_set_overrides_any_config_field(tiny_model, tmp_path, capsys):
+    out = tmp_path / "set"
+    assert main(["generate", "a red cat and a blue dog", "--model", tiny_model, "--steps", "2", "--set", "binding=0",
+                 "--set", "neglect_ratio=null", "--set", "layers=[\"mid_block\"]", "--out", str(out)]) == 0
+    record = json.loads(next(out.glob("*.json")).read_text())
+    assert record["config"]["binding"] == 0 and record["config"]["neglect_ratio"] is None
+    assert record["config"]["layers"] == ["mid_block"] and record["config"]["concentration"] == 2.0
+    for bad, says in [("bindng=0", "unknown option(s) bindng; valid: binding,"), ("binding", "use OPTION=VALUE"),
+                      ("binding=-1", "binding=-1 must be >= 0")]:
+        assert main(["generate", "a cat", "--model", tiny_model, "--set", bad, "--out", str(tmp_path / "bad")]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_generate_bad_target_is_a_clear_error(tiny_model, tmp_path, capsys):
     code = main(["generate", "a cat and a dog", "--targets", "bird", "--model", tiny_model, "--steps", "2",
                  "--out", str(tmp_path)])

@@ -4,6 +4,7 @@ and the options of models, sampling and regulation."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..names import split_list
@@ -131,6 +132,9 @@ def add_regulation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
                    help="fast solver through torch.compile: auto = on CUDA only (default), on (also CPU: the first "
                    "call compiles for 10-75 s), off = eager; a failed compile falls back to eager with a warning")
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="options",
+                   help="any RegulationConfig field (attnreg/config.py), repeatable, applied last; the value is JSON, "
+                   "else text: --set binding=0 (no modifier binding), --set concentration=0, --set neglect_ratio=null")
 
 
 def regulation_config(args):
@@ -145,6 +149,15 @@ def regulation_config(args):
         overrides["fast"] = False
     if getattr(args, "compile", "auto") != "auto":
         overrides["compile"] = args.compile
+    for pair in getattr(args, "options", []):
+        option, sep, value = pair.partition("=")
+        if not sep or not option:
+            raise ValueError(f"bad --set {pair!r}: use OPTION=VALUE, e.g. --set binding=0")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # text, e.g. --set loss=relative
+        overrides[option.strip()] = tuple(value) if isinstance(value, list) else value
     return RegulationConfig.from_preset(args.preset, **overrides)
 
 
