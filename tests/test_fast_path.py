@@ -67,6 +67,36 @@ def test_fast_step_sizes_keep_the_exact_solvers_time():
     assert fast_step_sizes(5, 2.0) == (2.0,) * 5  # no more steps than the schedule's: the exact ones
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_binding_schedule_reaches_the_binding_solvers_end_point(seed):
+    # The binding solver (binding + concentration, autograd) in BINDING_STEP_SHARES' 14 steps: unit steps give
+    # the exact solver, the schedule keeps its time and lands near its end point (design prompts: 1.2 % median).
+    from attnreg.regulation import BINDING_STEP_SHARES, optimise_rows_bound, solve_weights
+
+    logits, rest, bases, ref_high, ref_mean = neglect_problem(seed=seed, n=3)  # columns: noun, noun, modifier
+    init = torch.zeros(logits.shape[0], bases.shape[0], 3)
+    args = (logits, rest, bases, init, ref_high[..., :2], ref_mean[..., :2], ((2, 1),), 2, 2.0, 20, 1.0, LOSS)
+    kw = dict(concentration=2.0, hw=(8, 8))
+    exact = optimise_rows_bound(*args, **kw)
+    torch.testing.assert_close(optimise_rows_bound(*args, **kw, steps=(1.0,) * 20).weights, exact.weights)
+    steps = fast_step_sizes(20, 1.0, BINDING_STEP_SHARES)
+    assert len(steps) == 14 and sum(steps) == pytest.approx(20.0)
+    fast = optimise_rows_bound(*args, **kw, steps=steps)
+    assert exact.loss.max() < 0.7 * exact.initial_loss.min()  # the problem is not trivial
+    assert ((fast.weights - exact.weights).norm() / exact.weights.norm()) < 0.05
+    # the binding term can be negative, so compare what each takes off the first loss
+    assert ((fast.initial_loss - fast.loss) >= 0.95 * (exact.initial_loss - exact.loss)).all()
+    # through solve_weights: the option picks the schedule, off keeps the exact solver
+    unedited = target_probs(logits, rest, torch.zeros_like(logits))
+    config = RegulationConfig.from_preset("auto")
+    solve = lambda c: solve_weights(logits, rest, bases, init, unedited, 1, 2, ((2, 1),), c, hw=(8, 8))  # noqa: E731
+    torch.testing.assert_close(solve(config).weights, exact.weights)
+    torch.testing.assert_close(solve(config.replace(fast_binding=True)).weights, fast.weights)
+    assert "fast_binding" not in config.to_dict()  # off: earlier hashes unchanged
+    with pytest.raises(ConfigError, match="fast_binding needs"):
+        RegulationConfig.from_preset("paper", fast_binding=True)
+
+
 def test_fast_is_the_auto_default_and_off_leaves_configurations_as_they_were():
     assert RegulationConfig.from_preset("auto").fast and not RegulationConfig.from_preset("paper").fast
     assert "fast" not in RegulationConfig.from_preset("auto", fast=False).to_dict()  # old bench hashes hold
