@@ -108,8 +108,9 @@ class RegulationConfig:
         alone, one object unchanged. It does not lower the extra-object rate (the duplicate is still drawn).
       fast_binding (an option, off; 2026-12-01): the binding solver in 14 growing steps to the same flow time
         (`BINDING_STEP_SHARES` in regulation.py) instead of 20 unit steps: about 0.6x its time per call, weights
-        within ~1 % of the exact ones (median) on design prompts. Off until its pictures are checked against
-        the exact solver's on the table, as the fast path's were (issue 12).
+        within ~1 % of the exact ones (median) on design prompts. Off: checked against the exact solver's
+        pictures on the table (seeds 0-15), two objects moved +0.2 pp [-1.0, +1.4] but three -1.7 [-3.5, +0.2],
+        outside the +-3 pp that issue 12's fast path had to meet (benchmarks/RESULTS.md).
       compile ("auto", "on", "off"; every preset): run the fast solver through torch.compile. "auto"
         compiles on CUDA only, because on CPU the first call's compile (10-75 s here) outweighs what it
         saves unless one process makes hundreds of images; a failure to compile falls back to eager with
