@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
 
@@ -12,6 +13,15 @@ def split_list(text: str | None, sep: str = ",") -> list[str] | None:
     if text is None:
         return None
     return [t.strip() for t in text.split(sep) if t.strip()]
+
+
+def option_value(text: str):
+    """The VALUE of a `--set ...=VALUE`: JSON when it parses as JSON (a list becomes a tuple), else the text."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text  # e.g. loss=relative
+    return tuple(value) if isinstance(value, list) else value
 
 
 def slug(text: str, limit: int = 60) -> str:

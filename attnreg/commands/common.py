@@ -4,10 +4,9 @@ and the options of models, sampling and regulation."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..names import split_list
+from ..names import option_value, split_list
 
 
 class Parser(argparse.ArgumentParser):
@@ -153,11 +152,7 @@ def regulation_config(args):
         option, sep, value = pair.partition("=")
         if not sep or not option:
             raise ValueError(f"bad --set {pair!r}: use OPTION=VALUE, e.g. --set binding=0")
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass  # text, e.g. --set loss=relative
-        overrides[option.strip()] = tuple(value) if isinstance(value, list) else value
+        overrides[option.strip()] = option_value(value)
     return RegulationConfig.from_preset(args.preset, **overrides)
 
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..names import option_value
 from .datasets import Prompt, load_dataset
 from .io import (
     atomic_save_image, atomic_write_json, claim, damaged, image_path, is_done, item_key, iter_records, noise_seed,
@@ -67,13 +68,7 @@ def parse_sets(pairs: list[str] | None) -> dict[str, dict]:
             raise ValueError(f"bad --set {pair!r}: use METHOD.OPTION=VALUE, e.g. attend-and-excite.max_iter_to_alter=10")
         lhs, value = pair.split("=", 1)
         method, option = lhs.rsplit(".", 1)
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-        if isinstance(value, list):
-            value = tuple(value)
-        out.setdefault(method, {})[option] = value
+        out.setdefault(method, {})[option] = option_value(value)
     return out
 
 
