@@ -138,12 +138,23 @@ def loss_and_grad(
 def _weights_grad(probs, g_high, g_mean, i_lo, i_hi, frac, bases) -> torch.Tensor:
     """dL/dw from dL/d(quantile) and dL/d(mean) of every (row, target): the shared back half of the
     closed-form gradients."""
+    return _through_softmax(probs, _levels_grad(probs, g_high, g_mean, i_lo, i_hi, frac), bases)
+
+
+def _levels_grad(probs, g_high, g_mean, i_lo, i_hi, frac) -> torch.Tensor:
+    """dL/dP (B, P, n) from dL/d(quantile) and dL/d(mean): every pixel through the mean, the quantile's two
+    order statistics (`quantile_along_pixels`) through the quantile."""
     b, pixels, n = probs.shape
-    # dL/dP: every pixel through the mean, the two order statistics through the quantile.
     g_probs = (g_mean / pixels).unsqueeze(1).expand(b, pixels, n).clone()
     g_probs.scatter_add_(1, i_lo.unsqueeze(1), ((1 - frac) * g_high).unsqueeze(1))
     g_probs.scatter_add_(1, i_hi.unsqueeze(1), (frac * g_high).unsqueeze(1))
-    # through the softmax over all tokens: dL/da_s = P_s (g_s - sum_t g_t P_t), only targets move
+    return g_probs
+
+
+def _through_softmax(probs, g_probs, bases) -> torch.Tensor:
+    """dL/dw (B, K, n) from dL/dP (B, P, n) of the targets' probabilities `probs` (`target_probs`)."""
+    # dL/da_s = P_s (g_s - sum_t g_t P_t): only the targets' logits move, the other tokens enter the
+    # normaliser but carry no gradient of their own
     g_logits = probs * (g_probs - (g_probs * probs).sum(dim=-1, keepdim=True))
     return torch.einsum("bpn,kp->bkn", g_logits, bases)
 
@@ -258,22 +269,24 @@ def relative_loss_and_grad(
     loss: RelativeLoss,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`relative_loss` per row (B,) and the gradient of each row's loss by its own weights, closed form."""
-    _b, _pixels, n = target_logits.shape
     probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))
+    value, g_probs = _shortfall_and_grad(probs, ref_high, ref_mean, loss)
+    k, n = w.shape[1:]
+    value = value + loss.epsilon * (w**2).mean(dim=(1, 2))
+    return value, _through_softmax(probs, g_probs, bases) + (2 * loss.epsilon / (k * n)) * w
+
+
+def _shortfall_and_grad(probs, ref_high, ref_mean, loss: RelativeLoss) -> tuple[torch.Tensor, torch.Tensor]:
+    """`relative_loss` without L_reg per row (B,), and its gradient by the targets' probabilities (B, P, n)."""
+    n = probs.shape[-1]
     high, i_lo, i_hi, frac = quantile_along_pixels(probs, loss.quantile)
     mean = probs.mean(dim=1)
     short_high = torch.relu(torch.log(loss.lift * ref_high) - torch.log(high))
     short_mean = torch.relu(torch.log(loss.lift * ref_mean) - torch.log(mean))
-    value = (
-        loss.gamma * (short_high**2).mean(dim=-1)
-        + loss.delta * (short_mean**2).mean(dim=-1)
-        + loss.epsilon * (w**2).mean(dim=(1, 2))
-    )
+    value = loss.gamma * (short_high**2).mean(dim=-1) + loss.delta * (short_mean**2).mean(dim=-1)
     g_high = (-2 * loss.gamma / n) * short_high / high
     g_mean = (-2 * loss.delta / n) * short_mean / mean
-    k = w.shape[1]
-    grad = _weights_grad(probs, g_high, g_mean, i_lo, i_hi, frac, bases) + (2 * loss.epsilon / (k * n)) * w
-    return value, grad
+    return value, _levels_grad(probs, g_high, g_mean, i_lo, i_hi, frac)
 
 
 def optimise_rows(
@@ -468,13 +481,19 @@ def separation_loss(probs: torch.Tensor, nouns: tuple[int, ...]) -> torch.Tensor
 def spread(probs: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """(B, n): each column's spatial variance, the map normalised to sum 1 on an (H, W) grid, in units of
     the map's side (a uniform square map: 1/6; one small blob: ~0.01; two blobs half the map apart: ~0.06)."""
-    height, width = hw
-    ys = torch.arange(height, device=probs.device, dtype=probs.dtype) / max(height - 1, 1)
-    xs = torch.arange(width, device=probs.device, dtype=probs.dtype) / max(width - 1, 1)
-    y, x = ys.repeat_interleave(width), xs.repeat(height)  # (P,), row-major like the maps
+    y, x = pixel_coordinates(hw, probs)
     maps = probs / probs.sum(dim=1, keepdim=True)
     variance = lambda c: (maps * c[:, None] ** 2).sum(dim=1) - (maps * c[:, None]).sum(dim=1) ** 2  # noqa: E731
     return variance(y) + variance(x)
+
+
+def pixel_coordinates(hw: tuple[int, int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x), each (P,): every pixel's row and column on the (H, W) grid, row-major like the maps, in units of
+    the side (0 to 1), on `like`'s device and in its dtype."""
+    height, width = hw
+    ys = torch.arange(height, device=like.device, dtype=like.dtype) / max(height - 1, 1)
+    xs = torch.arange(width, device=like.device, dtype=like.dtype) / max(width - 1, 1)
+    return ys.repeat_interleave(width), xs.repeat(height)
 
 
 def concentration_loss(probs: torch.Tensor, reference: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -489,6 +508,130 @@ def needs_autograd(pairs, n_nouns: int, config) -> bool:
     nouns); it is never compiled. Concentration is a term of that solver and does not send a group to it:
     it was measured only where binding runs, and groups without modifiers keep the fast, compiled path."""
     return bool(pairs and config.binding > 0) or (getattr(config, "separation", 0.0) > 0 and n_nouns > 1)
+
+
+def bound_loss(
+    target_logits: torch.Tensor,
+    rest_lse: torch.Tensor,
+    bases: torch.Tensor,
+    w: torch.Tensor,
+    ref_high: torch.Tensor,
+    ref_mean: torch.Tensor,
+    pairs: tuple[tuple[int, int], ...],
+    n_nouns: int,
+    binding: float,
+    loss: RelativeLoss,
+    separation: float = 0.0,
+    concentration: float = 0.0,
+    reference: torch.Tensor | None = None,
+    hw: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The binding solver's loss per row (B,) at weights w (B, K, n): the relative loss on the first `n_nouns`
+    columns (the nouns), L_reg over every column, `binding` x `binding_loss` over the (modifier, noun) column
+    `pairs`, `concentration` x `concentration_loss` of the nouns against their unedited spread `reference`
+    (B, n_nouns) on the (H, W) map `hw`, and `separation` x `separation_loss` of the nouns. The readable
+    definition, differentiated by autograd; `bound_loss_and_grad` is its closed form."""
+    nouns = tuple(range(n_nouns))
+    probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))
+    unregularised = dataclasses.replace(loss, epsilon=0.0)  # L_reg below covers every column, modifiers too
+    value = relative_loss(probs[..., :n_nouns], w, ref_high, ref_mean, unregularised)
+    value = value + loss.epsilon * (w**2).mean(dim=(1, 2)) + binding * binding_loss(probs, pairs, nouns)
+    if concentration > 0:
+        value = value + concentration * concentration_loss(probs[..., :n_nouns], reference, hw)
+    return value + separation * separation_loss(probs, nouns) if separation > 0 else value
+
+
+def bound_loss_and_grad(
+    target_logits: torch.Tensor,
+    rest_lse: torch.Tensor,
+    bases: torch.Tensor,
+    w: torch.Tensor,
+    ref_high: torch.Tensor,
+    ref_mean: torch.Tensor,
+    pairs: tuple[tuple[int, int], ...],
+    n_nouns: int,
+    binding: float,
+    loss: RelativeLoss,
+    separation: float = 0.0,
+    concentration: float = 0.0,
+    reference: torch.Tensor | None = None,
+    hw: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bound_loss` per row (B,) and the gradient of each row's loss by its own weights (B, K, n), in closed
+    form (tested equal to autograd): dL/dP of every term, then once through the softmax and the bases.
+
+    The overlap and spread terms are functions of the maps normalised to sum 1 (M = P / sum_p P), so their
+    gradients are taken by M first and brought back to P together."""
+    probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))
+    total = probs.sum(dim=1, keepdim=True)  # (B, 1, n)
+    maps = probs / total
+    value, g_maps = _overlap_terms_and_grad(maps, pairs, n_nouns, binding, separation)
+    if concentration > 0:
+        spread_value, g_spread = _concentration_and_grad(maps[..., :n_nouns], reference, hw)
+        value = value + concentration * spread_value
+        g_maps[..., :n_nouns] += concentration * g_spread
+    # through M_c = P_c / S_c: dL/dP_c = (dL/dM_c - sum_p dL/dM_c(p) M_c(p)) / S_c
+    g_probs = (g_maps - (g_maps * maps).sum(dim=1, keepdim=True)) / total
+    short_value, g_short = _shortfall_and_grad(probs[..., :n_nouns], ref_high, ref_mean, loss)
+    g_probs[..., :n_nouns] += g_short
+    k, n = w.shape[1:]
+    value = value + short_value + loss.epsilon * (w**2).mean(dim=(1, 2))
+    return value, _through_softmax(probs, g_probs, bases) + (2 * loss.epsilon / (k * n)) * w
+
+
+def _overlap_terms_and_grad(maps, pairs, n_nouns: int, binding: float, separation: float):
+    """binding x `binding_loss` + separation x `separation_loss` per row (B,) and its gradient by the normalised
+    maps M (B, P, n). Both terms are sums c_ab BC(a, b) of overlaps with per-row coefficients
+    (`_overlap_coefficients`), so one (B, P, n, n) tensor of the overlaps' summands serves every pair."""
+    b, _pixels, n = maps.shape
+    if not ((binding and pairs) or (separation > 0 and n_nouns > 1)):
+        return maps.new_zeros(b), torch.zeros_like(maps)
+    root = torch.sqrt(maps[..., :, None] * maps[..., None, :] + 1e-20)  # sqrt(M_a M_b + 1e-20), as in `bhattacharyya`
+    overlap = root.sum(dim=1)  # (B, n, n)
+    coef = _overlap_coefficients(overlap, pairs, n_nouns, binding, separation)
+    # d sqrt(M_a M_b + e) / dM_a = M_b / (2 sqrt(M_a M_b + e)); the summands are symmetric in a and b, so
+    # c_ab and c_ba both reach column a (a multiply and a sum: einsum's reshapes cost more at these sizes)
+    half = (coef + coef.transpose(1, 2)) / 2
+    g_maps = (maps[..., None, :] / root * half[:, None]).sum(dim=-1)
+    return (coef * overlap).sum(dim=(1, 2)), g_maps
+
+
+def _overlap_coefficients(overlap, pairs, n_nouns: int, binding: float, separation: float) -> torch.Tensor:
+    """c (B, n, n) such that binding x `binding_loss` + separation x `separation_loss` = sum_ab c_ab BC(a, b)
+    at these overlaps (B, n, n): each (modifier m, noun t) pair puts -1 on (m, t) and +1 on the other noun m
+    overlaps most, the max's gradient (split evenly between tied nouns, as autograd's amax does), over the
+    number of pairs; separation puts 1 / (number of noun pairs) on each two nouns."""
+    b, n, _ = overlap.shape
+    coef = overlap.new_zeros(b, n, n)
+    if binding and pairs:
+        modifiers, own = zip(*pairs)
+        is_own = torch.zeros(len(pairs), n_nouns, dtype=torch.bool, device=overlap.device)
+        is_own[range(len(pairs)), own] = True
+        leaks = overlap[:, modifiers, :n_nouns].masked_fill(is_own, -math.inf)  # (B, pairs, nouns): other nouns
+        # ~is_own: with one noun every entry is -inf and there is no max to take
+        tied = ((leaks == leaks.amax(dim=-1, keepdim=True)) & ~is_own).to(coef.dtype)
+        share = tied / tied.sum(dim=-1, keepdim=True).clamp_min(1)
+        # index_add_, not assignment: a modifier may bind two nouns
+        coef[:, :, :n_nouns].index_add_(1, torch.tensor(modifiers, device=coef.device),
+                                        binding / len(pairs) * (share - is_own.to(coef.dtype)))
+    if separation > 0 and n_nouns > 1:
+        every_two = torch.ones(n_nouns, n_nouns, device=coef.device, dtype=coef.dtype).triu(1)
+        coef[:, :n_nouns, :n_nouns] += separation * every_two / every_two.sum()
+    return coef
+
+
+def _concentration_and_grad(maps, reference, hw):
+    """`concentration_loss` per row (B,) of normalised maps M (B, P, n) and its gradient by M. With the pixel
+    features f = (y, x, y^2 + x^2), the spread is sum_p M f_3 - mu_y^2 - mu_x^2 (mu = sum_p M (y, x)) and
+    d spread / dM(p) = f_3 - 2 mu . (y, x): one matmul each way."""
+    y, x = pixel_coordinates(hw, maps)
+    features = torch.stack([y, x, y**2 + x**2], dim=-1)  # (P, 3)
+    moments = maps.transpose(1, 2) @ features  # (B, n, 3)
+    mu, second = moments[..., :2], moments[..., 2]
+    spreads = second - (mu**2).sum(dim=-1)  # (B, n)
+    slope = torch.cat([-2 * mu, torch.ones_like(second)[..., None]], dim=-1)  # (B, n, 3)
+    scale = 1 / (maps.shape[-1] * reference)  # the mean over columns of spread / reference
+    return (scale * spreads).sum(dim=-1), scale[:, None] * (features @ slope.transpose(1, 2))
 
 
 def optimise_rows_bound(
@@ -508,30 +651,28 @@ def optimise_rows_bound(
     concentration: float = 0.0,
     hw: tuple[int, int] | None = None,
     steps: tuple[float, ...] | None = None,
+    closed_form: bool = False,
 ) -> SolverResult:
-    """`optimise_rows` with the binding term added: the relative loss on the first `n_nouns` columns
-    (the nouns), `binding` x `binding_loss` over the (modifier, noun) column `pairs`, `separation` x
-    `separation_loss` of the nouns and `concentration` x `concentration_loss` of the nouns on the (H, W)
-    map `hw`. Autograd, per row; `steps`: step sizes instead of `iterations` x `lr` (`fast_step_sizes`)."""
+    """`optimise_rows` on `bound_loss`: the relative loss on the first `n_nouns` columns (the nouns),
+    `binding` x `binding_loss` over the (modifier, noun) column `pairs`, `separation` x `separation_loss` of
+    the nouns and `concentration` x `concentration_loss` of the nouns on the (H, W) map `hw`. Per row, by
+    autograd, or with `closed_form` by `bound_loss_and_grad` (the same steps without autograd's graph);
+    `steps`: step sizes instead of `iterations` x `lr` (`fast_step_sizes`)."""
     target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
-    nouns = tuple(range(n_nouns))
-    unregularised = dataclasses.replace(loss, epsilon=0.0)  # L_reg below covers every column, modifiers too
+    ref_high, ref_mean = ref_high.float(), ref_mean.float()
+    reference = None  # the nouns' unedited spread, concentration's yardstick
     if concentration > 0:
         unedited = target_probs(target_logits[..., :n_nouns], rest_lse, torch.zeros_like(target_logits[..., :n_nouns]))
         reference = spread(unedited, hw)
-
-    def per_row(w: torch.Tensor) -> torch.Tensor:
-        probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))
-        value = relative_loss(probs[..., :n_nouns], w, ref_high.float(), ref_mean.float(), unregularised)
-        value = value + loss.epsilon * (w**2).mean(dim=(1, 2)) + binding * binding_loss(probs, pairs, nouns)
-        if concentration > 0:
-            value = value + concentration * concentration_loss(probs[..., :n_nouns], reference, hw)
-        return value + separation * separation_loss(probs, nouns) if separation > 0 else value
+    problem = (target_logits, rest_lse, bases)
+    terms = (ref_high, ref_mean, pairs, n_nouns, binding, loss, separation, concentration, reference, hw)
+    if closed_form:
+        return descend_rows(lambda w: bound_loss_and_grad(*problem, w, *terms), init_weights, iterations, lr, steps)
 
     def loss_and_grad(w: torch.Tensor):
         w = w.clone().requires_grad_(True)
         with torch.enable_grad():
-            value = per_row(w)
+            value = bound_loss(*problem, w, *terms)
             (grad,) = torch.autograd.grad(value.sum(), w)
         return value.detach(), grad
 
