@@ -8,6 +8,7 @@ that agreement, and leaves the earlier rows out when it is not complete.
     python benchmarks/issue9_table.py runs/shapes-auto --earlier benchmarks/data/shapes-final.jsonl.gz
     python benchmarks/issue9_table.py runs/shapes-auto --seeds 16-31          # one block of seeds only
     python benchmarks/issue9_table.py runs/shapes-auto --baseline "auto without binding (default until 2026-11-30)"
+    python benchmarks/issue9_table.py runs/shapes-auto --modes     # how the pictures fail, and which ones change
 
 The auto preset's rows are named by their binding weight (`attnreg` ran with binding 0 and 2, `attnreg-bind`
 with 1); the weight the preset has now is labelled the default.
@@ -52,6 +53,39 @@ def method_name(record: dict) -> str:
     return f"{name}, concentration {concentration:g}" if concentration else name
 
 
+MODES = ("right", "wrong colour", "a shape drawn as another", "an object dropped")
+
+
+def failure_mode(score: dict, named: int) -> str:
+    """How a picture fails, from the detector's verdict: every named shape there but a colour wrong; a
+    named shape missing while as many objects as named were drawn (one drawn with another's shape); or
+    fewer objects than named."""
+    if score["success"]:
+        return MODES[0]
+    if score["shapes_present"]:
+        return MODES[1]
+    return MODES[2] if len(score["detections"]) >= named else MODES[3]
+
+
+def print_modes(rows: list[dict], baseline: str) -> None:
+    """Per kind and method: how the pictures fail, and among the pairs the method changes against the
+    baseline, how the baseline failed (wins) and how the method fails (losses: the "kept" misses)."""
+    by = {(r["subset"], r["method"], r["prompt"], r["seed"]): r["mode"] for r in rows if "mode" in r}
+    print(f"failure modes; wins: the baseline's ({baseline}) mode on the pairs the method fixes; losses: the "
+          "method's mode on the pairs it breaks")
+    print("| kind | method | pairs | " + " | ".join(MODES[1:]) + " | wins: " + " / ".join(MODES[1:])
+          + " | losses: " + " / ".join(MODES[1:]) + " |")
+    print("|---|---|---|" + "---|" * 5)
+    for subset, method in sorted({(k[0], k[1]) for k in by}):
+        pairs = [(by.get((subset, baseline) + k[2:]), mode) for k, mode in by.items() if k[:2] == (subset, method)]
+        pairs = [(b, m) for b, m in pairs if b is not None]
+        count = lambda ms: " / ".join(str(sum(x == mode for x in ms)) for mode in MODES[1:])  # noqa: E731
+        wins = [b for b, m in pairs if b != MODES[0] and m == MODES[0]]
+        losses = [m for b, m in pairs if b == MODES[0] and m != MODES[0]]
+        shares = " | ".join(f"{100 * sum(m == mode for _, m in pairs) / len(pairs):.1f} %" for mode in MODES[1:])
+        print(f"| {subset} | {method} | {len(pairs)} | {shares} | {count(wins)} | {count(losses)} |")
+
+
 def load(folder: Path) -> list[dict]:
     scores = load_scores(folder).get("detect", {}).get("items", {})
     rows = []
@@ -60,7 +94,8 @@ def load(folder: Path) -> list[dict]:
         if s is None:
             continue
         rows.append({**r, "success": bool(s["success"]), "extra": s["extra_objects"] > 0,
-                     "detections": s.get("detections"), "method": method_name(r)})
+                     "detections": s.get("detections"), "mode": failure_mode(s, len(r["targets"])),
+                     "method": method_name(r)})
     return rows
 
 
@@ -91,6 +126,7 @@ def main() -> None:
     ap.add_argument("--earlier", action="append", default=[])
     ap.add_argument("--seeds", default=None, help="only these seeds, e.g. 16-31")
     ap.add_argument("--baseline", default="sd", help="the row every other is paired with (a method's name here)")
+    ap.add_argument("--modes", action="store_true", help="also print how the pictures fail (this folder's rows)")
     a = ap.parse_args()
     folder = Path(a.folder)
     rows = load(folder)
@@ -121,6 +157,8 @@ def main() -> None:
                  f"{r['mad']:.1f}" if "mad" in r else "-", f"{r['ssim']:.3f}" if "ssim" in r else "-",
                  "-" if "earlier run" in method else f"{r['time_ratio']:.2f}x"]  # another run's load
         print("| " + " | ".join(cells) + " |")
+    if a.modes:
+        print_modes(rows, a.baseline)
 
 
 if __name__ == "__main__":
