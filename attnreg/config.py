@@ -111,6 +111,10 @@ class RegulationConfig:
         within ~1 % of the exact ones (median) on design prompts. Off: checked against the exact solver's
         pictures on the table (seeds 0-15), two objects moved +0.2 pp [-1.0, +1.4] but three -1.7 [-3.5, +0.2],
         outside the +-3 pp that issue 12's fast path had to meet (benchmarks/RESULTS.md).
+      closed_form (an option, off; 2026-12-01): the binding solver's gradient written by hand
+        (`bound_loss_and_grad` in regulation.py) instead of autograd: the same loss and the same steps, equal to
+        autograd to float rounding (tested in float64), about half its time per call. Off until its pictures
+        are checked against the autograd solver's on the table (benchmarks/RESULTS.md).
       compile ("auto", "on", "off"; every preset): run the fast solver through torch.compile. "auto"
         compiles on CUDA only, because on CPU the first call's compile (10-75 s here) outweighs what it
         saves unless one process makes hundreds of images; a failure to compile falls back to eager with
@@ -144,6 +148,7 @@ class RegulationConfig:
     concentration: float = 0.0
     fast: bool = False
     fast_binding: bool = False
+    closed_form: bool = False
     compile: str = "auto"
     preset: str = field(default="paper", compare=False)
 
@@ -196,8 +201,9 @@ class RegulationConfig:
             problems.append("separation needs loss='relative' (the auto preset)")
         if self.binding > 0 and self.loss != "relative":
             problems.append("binding needs loss='relative' (the auto preset)")
-        if self.fast_binding and self.loss != "relative":
-            problems.append("fast_binding needs loss='relative' (the auto preset)")
+        for option in ("fast_binding", "closed_form"):
+            if getattr(self, option) and self.loss != "relative":
+                problems.append(f"{option} needs loss='relative' (the auto preset)")
         if self.fast and self.loss != "relative":
             problems.append("fast needs loss='relative' (the auto preset); the paper preset keeps the release's solver")
         if self.compile not in COMPILE_CHOICES:
@@ -233,7 +239,7 @@ class RegulationConfig:
             # Left out when off: configurations (and benchmark file names, which hash them) from before the
             # field existed stay the same.
             del d["fast"]
-        for option in ("separation", "concentration", "fast_binding"):
+        for option in ("separation", "concentration", "fast_binding", "closed_form"):
             if not getattr(self, option):
                 del d[option]  # options added later; off leaves earlier hashes as they were
         if self.compile == "auto":

@@ -735,6 +735,7 @@ def solve_weights(target_logits, rest_lse, bases, init, unedited, heads: int, n_
             getattr(config, "concentration", 0.0), hw,
             fast_step_sizes(config.iterations, config.lr, BINDING_STEP_SHARES)
             if getattr(config, "fast_binding", False) else None,
+            closed_form=getattr(config, "closed_form", False),
         )
     if getattr(config, "fast", False):
         return fast_optimise_rows(

@@ -13,7 +13,8 @@ Two models:
 
 Methods: sd; auto (the default, fast path on); auto-exact (fast=False, issue 9's solver); paper; and on
 request auto-every / auto-exact-every, auto-no-concentration (binding 2 alone, the default before 2026-12-01), auto-fast-binding
-(fast_binding=True), and
+(fast_binding=True), auto-closed-form / auto-autograd (closed_form on / off: the binding solver's gradient by hand or
+by autograd), and
 auto-compiled(-every) (compile="on": torch.compile also on CPU; no
 dispatch-mode operator count, since torch.compile does not run under one: benchmarks/compiled_edit.py
 counts the edit's launches alone; the profiler column counts them in the whole pipeline). They are timed in turn within each repeat (drift hits all alike);
@@ -51,7 +52,7 @@ from attnreg.tokenizer import load_clip_tokenizer
 
 PROMPT, TARGETS = "a painting of an elephant with glasses", ["elephant", "glasses"]
 METHODS = ("sd", "auto", "auto-exact", "paper", "auto-every", "auto-exact-every", "auto-compiled", "auto-compiled-every",
-           "auto-no-concentration", "auto-fast-binding")
+           "auto-no-concentration", "auto-fast-binding", "auto-closed-form", "auto-autograd")
 
 
 def sd15_pipeline(device: str, dtype: torch.dtype):
@@ -170,11 +171,13 @@ def config_of(method: str, layers) -> RegulationConfig:
     preset = "paper" if method == "paper" else "auto"
     overrides = {} if layers is None else {"layers": layers}
     if method.startswith("auto-exact"):
-        overrides["fast"] = False
+        overrides.update(fast=False, closed_form=False)  # issue 9's solver, as --exact gives it
     if method.startswith("auto-compiled"):
         overrides["compile"] = "on"  # torch.compile on any device; its warm-up call pays the compiling
     if method == "auto-fast-binding":
         overrides["fast_binding"] = True  # the binding solver in 14 growing steps (an option, off by default)
+    if method in ("auto-closed-form", "auto-autograd"):
+        overrides["closed_form"] = method == "auto-closed-form"
     if method == "auto-no-concentration":
         overrides["concentration"] = 0.0  # the default of 2026-11-30 night (binding 2 alone)
     if method.endswith("-every"):

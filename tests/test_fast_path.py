@@ -95,6 +95,12 @@ def test_fast_binding_schedule_reaches_the_binding_solvers_end_point(seed):
     assert "fast_binding" not in config.to_dict()  # off: earlier hashes unchanged
     with pytest.raises(ConfigError, match="fast_binding needs"):
         RegulationConfig.from_preset("paper", fast_binding=True)
+    # the closed-form gradient: the same solver to float rounding (bound_loss_and_grad is tested against autograd)
+    closed = solve(config.replace(closed_form=True, fast_binding=False)).weights
+    torch.testing.assert_close(closed, exact.weights, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(closed, exact.weights)  # it did take the other path
+    with pytest.raises(ConfigError, match="closed_form needs"):
+        RegulationConfig.from_preset("paper", closed_form=True)
 
 
 def test_fast_is_the_auto_default_and_off_leaves_configurations_as_they_were():

@@ -146,6 +146,7 @@ def regulation_config(args):
         overrides["edit_steps"] = args.edit_steps
     if getattr(args, "exact", False):
         overrides["fast"] = False
+        overrides["closed_form"] = False
     if getattr(args, "compile", "auto") != "auto":
         overrides["compile"] = args.compile
     for pair in getattr(args, "options", []):
