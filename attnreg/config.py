@@ -90,7 +90,7 @@ class RegulationConfig:
         set (benchmarks/RESULTS.md) binding 1 on top of lift 2 gave +19.8 pp on two objects against +14.6
         (kept 88 % against 79 %), three objects +7.3 against +9.4 (within noise). Targets without
         modifiers ("a cat and a dog") have no pairs and take the fast path; groups with modifiers take the
-        binding solver (autograd, the exact steps), which costs about what the exact solver does.
+        binding solver (the exact steps; its gradient by hand since 2026-12-01, see closed_form).
         Weight 2, not 1: chosen on the design set (seeds 1000-1015: +3.1 pp over 1 on two and on three objects;
         3 and 4 were worse on two objects), then confirmed on the table (seeds 0-31) by a rule written before it
         ran: +4.1 pp [+2.0, +6.2] over binding 1 on two objects, +0.3 on three, one object unchanged.
@@ -111,10 +111,13 @@ class RegulationConfig:
         within ~1 % of the exact ones (median) on design prompts. Off: checked against the exact solver's
         pictures on the table (seeds 0-15), two objects moved +0.2 pp [-1.0, +1.4] but three -1.7 [-3.5, +0.2],
         outside the +-3 pp that issue 12's fast path had to meet (benchmarks/RESULTS.md).
-      closed_form (an option, off; 2026-12-01): the binding solver's gradient written by hand
-        (`bound_loss_and_grad` in regulation.py) instead of autograd: the same loss and the same steps, equal to
-        autograd to float rounding (tested in float64), about half its time per call. Off until its pictures
-        are checked against the autograd solver's on the table (benchmarks/RESULTS.md).
+      closed_form (on in this preset since 2026-12-01; False = autograd, as measured in issue 9's tables): the
+        binding solver's gradient written by hand (`bound_loss_and_grad` in regulation.py) instead of autograd:
+        the same loss and the same steps, equal to autograd to float rounding (tested in float64), about half
+        its time per call. Checked by a rule written before the run: on the table's 960 two- and three-object
+        pairs (seeds 0-15) every picture got the autograd picture's verdict, 600 were byte-identical, no pixel
+        moved by more than 12 / 255 (benchmarks/RESULTS.md, issue 12). `fast=False` (--exact) does not imply it:
+        the command line's --exact switches both off.
       compile ("auto", "on", "off"; every preset): run the fast solver through torch.compile. "auto"
         compiles on CUDA only, because on CPU the first call's compile (10-75 s here) outweighs what it
         saves unless one process makes hundreds of images; a failure to compile falls back to eager with
@@ -255,6 +258,6 @@ PRESETS: dict[str, RegulationConfig] = {
     "paper": RegulationConfig(preset="paper"),
     "auto": RegulationConfig(
         loss="relative", layer_choice="calibrated", gamma=1.0, delta=1.0, epsilon=0.01, lr=1.0, init_high=0.0,
-        lift=2.0, neglect_ratio=0.8, binding=2.0, concentration=2.0, fast=True, preset="auto",
+        lift=2.0, neglect_ratio=0.8, binding=2.0, concentration=2.0, fast=True, closed_form=True, preset="auto",
     ),
 }

@@ -5,7 +5,8 @@
 # Two processes of one thread on disjoint seeds, into one folder (bench claims each item, so the two never
 # make the same image); resumable: rerun the same command after a stop. 2obj/3obj x 30 prompts x 16 seeds.
 # OPTION=fast_binding checks the binding solver's fast schedule the same way (the default with
-# fast_binding=true against the default's own images).
+# fast_binding=true against the default's own images); OPTION=closed_form the binding solver's hand-written
+# gradient against the autograd one that made runs/shapes-auto (before it became the default on 2026-12-01).
 # Usage: [OPTION=fast_binding] bash benchmarks/fast_path_fidelity.sh [OUT] [EXACT]
 #        (default runs/fast-path or runs/fast-binding, runs/shapes-auto)
 set -euo pipefail

@@ -58,7 +58,8 @@ def test_generate_defaults_to_the_auto_preset(tiny_model, tmp_path, capsys):
     assert record["config"]["fast"] is True
     exact = tmp_path / "exact"
     assert main(["generate", "a cat and a dog", "--model", tiny_model, "--steps", "2", "--exact", "--out", str(exact)]) == 0
-    assert "fast" not in json.loads(next(exact.glob("*.json")).read_text())["config"]  # the exact solver's config
+    written = json.loads(next(exact.glob("*.json")).read_text())["config"]
+    assert "fast" not in written and "closed_form" not in written  # issue 9's solver: the exact steps, autograd
 
 
 def test_generate_set_overrides_any_config_field(tiny_model, tmp_path, capsys):

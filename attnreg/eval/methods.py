@@ -107,7 +107,7 @@ class AttnReg(Method):
 # so that runs made with binding 1 resolve to the same configuration)
 register_method(AttnReg, "attnreg-paper", "Attention Regulation, the authors' release (paper preset)", preset="paper")
 register_method(AttnReg, "attnreg-bind", "Attention Regulation with binding=1 (the default's on 2026-11-30; 2 since)",
-                binding=1.0, concentration=0.0)  # concentration joined the default later (2026-12-01)
+                binding=1.0, concentration=0.0, closed_form=False)  # both joined the default later (2026-12-01)
 
 
 def cross_attention_resolution(unet, height: int, vae_scale_factor: int, layers=None) -> tuple[int, int]:
