@@ -510,73 +510,64 @@ def needs_autograd(pairs, n_nouns: int, config) -> bool:
     return bool(pairs and config.binding > 0) or (getattr(config, "separation", 0.0) > 0 and n_nouns > 1)
 
 
-def bound_loss(
-    target_logits: torch.Tensor,
-    rest_lse: torch.Tensor,
-    bases: torch.Tensor,
-    w: torch.Tensor,
-    ref_high: torch.Tensor,
-    ref_mean: torch.Tensor,
-    pairs: tuple[tuple[int, int], ...],
-    n_nouns: int,
-    binding: float,
-    loss: RelativeLoss,
-    separation: float = 0.0,
-    concentration: float = 0.0,
-    reference: torch.Tensor | None = None,
-    hw: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """The binding solver's loss per row (B,) at weights w (B, K, n): the relative loss on the first `n_nouns`
-    columns (the nouns), L_reg over every column, `binding` x `binding_loss` over the (modifier, noun) column
-    `pairs`, `concentration` x `concentration_loss` of the nouns against their unedited spread `reference`
-    (B, n_nouns) on the (H, W) map `hw`, and `separation` x `separation_loss` of the nouns. The readable
-    definition, differentiated by autograd; `bound_loss_and_grad` is its closed form."""
-    nouns = tuple(range(n_nouns))
+@dataclass(frozen=True)
+class BoundTerms:
+    """What the binding solver's loss asks of one call, besides the logits and the weights: the relative loss
+    on the first `n_nouns` columns (the nouns) against the dominant target's levels `ref_high`, `ref_mean`
+    (B, 1), L_reg over every column, `binding` x `binding_loss` over the (modifier, noun) column `pairs`,
+    `concentration` x `concentration_loss` of the nouns against their unedited spread `reference` (B, n_nouns)
+    on the (H, W) map `hw`, and `separation` x `separation_loss` of the nouns."""
+
+    ref_high: torch.Tensor
+    ref_mean: torch.Tensor
+    pairs: tuple[tuple[int, int], ...]
+    n_nouns: int
+    binding: float
+    loss: RelativeLoss
+    separation: float = 0.0
+    concentration: float = 0.0
+    reference: torch.Tensor | None = None
+    hw: tuple[int, int] | None = None
+
+
+def bound_loss(target_logits: torch.Tensor, rest_lse: torch.Tensor, bases: torch.Tensor, w: torch.Tensor,
+               terms: BoundTerms) -> torch.Tensor:
+    """The binding solver's loss per row (B,) at weights w (B, K, n) (`BoundTerms` says which terms). The
+    readable definition, differentiated by autograd; `bound_loss_and_grad` is its closed form."""
+    t = terms
+    nouns = tuple(range(t.n_nouns))
     probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))
-    unregularised = dataclasses.replace(loss, epsilon=0.0)  # L_reg below covers every column, modifiers too
-    value = relative_loss(probs[..., :n_nouns], w, ref_high, ref_mean, unregularised)
-    value = value + loss.epsilon * (w**2).mean(dim=(1, 2)) + binding * binding_loss(probs, pairs, nouns)
-    if concentration > 0:
-        value = value + concentration * concentration_loss(probs[..., :n_nouns], reference, hw)
-    return value + separation * separation_loss(probs, nouns) if separation > 0 else value
+    unregularised = dataclasses.replace(t.loss, epsilon=0.0)  # L_reg below covers every column, modifiers too
+    value = relative_loss(probs[..., :t.n_nouns], w, t.ref_high, t.ref_mean, unregularised)
+    value = value + t.loss.epsilon * (w**2).mean(dim=(1, 2)) + t.binding * binding_loss(probs, t.pairs, nouns)
+    if t.concentration > 0:
+        value = value + t.concentration * concentration_loss(probs[..., :t.n_nouns], t.reference, t.hw)
+    return value + t.separation * separation_loss(probs, nouns) if t.separation > 0 else value
 
 
-def bound_loss_and_grad(
-    target_logits: torch.Tensor,
-    rest_lse: torch.Tensor,
-    bases: torch.Tensor,
-    w: torch.Tensor,
-    ref_high: torch.Tensor,
-    ref_mean: torch.Tensor,
-    pairs: tuple[tuple[int, int], ...],
-    n_nouns: int,
-    binding: float,
-    loss: RelativeLoss,
-    separation: float = 0.0,
-    concentration: float = 0.0,
-    reference: torch.Tensor | None = None,
-    hw: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def bound_loss_and_grad(target_logits: torch.Tensor, rest_lse: torch.Tensor, bases: torch.Tensor, w: torch.Tensor,
+                        terms: BoundTerms) -> tuple[torch.Tensor, torch.Tensor]:
     """`bound_loss` per row (B,) and the gradient of each row's loss by its own weights (B, K, n), in closed
     form (tested equal to autograd): dL/dP of every term, then once through the softmax and the bases.
 
     The overlap and spread terms are functions of the maps normalised to sum 1 (M = P / sum_p P), so their
     gradients are taken by M first and brought back to P together."""
+    t, nouns = terms, slice(0, terms.n_nouns)
     probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))
     total = probs.sum(dim=1, keepdim=True)  # (B, 1, n)
     maps = probs / total
-    value, g_maps = _overlap_terms_and_grad(maps, pairs, n_nouns, binding, separation)
-    if concentration > 0:
-        spread_value, g_spread = _concentration_and_grad(maps[..., :n_nouns], reference, hw)
-        value = value + concentration * spread_value
-        g_maps[..., :n_nouns] += concentration * g_spread
+    value, g_maps = _overlap_terms_and_grad(maps, t.pairs, t.n_nouns, t.binding, t.separation)
+    if t.concentration > 0:
+        spread_value, g_spread = _concentration_and_grad(maps[..., nouns], t.reference, t.hw)
+        value = value + t.concentration * spread_value
+        g_maps[..., nouns] += t.concentration * g_spread
     # through M_c = P_c / S_c: dL/dP_c = (dL/dM_c - sum_p dL/dM_c(p) M_c(p)) / S_c
     g_probs = (g_maps - (g_maps * maps).sum(dim=1, keepdim=True)) / total
-    short_value, g_short = _shortfall_and_grad(probs[..., :n_nouns], ref_high, ref_mean, loss)
-    g_probs[..., :n_nouns] += g_short
+    short_value, g_short = _shortfall_and_grad(probs[..., nouns], t.ref_high, t.ref_mean, t.loss)
+    g_probs[..., nouns] += g_short
     k, n = w.shape[1:]
-    value = value + short_value + loss.epsilon * (w**2).mean(dim=(1, 2))
-    return value, _through_softmax(probs, g_probs, bases) + (2 * loss.epsilon / (k * n)) * w
+    value = value + short_value + t.loss.epsilon * (w**2).mean(dim=(1, 2))
+    return value, _through_softmax(probs, g_probs, bases) + (2 * t.loss.epsilon / (k * n)) * w
 
 
 def _overlap_terms_and_grad(maps, pairs, n_nouns: int, binding: float, separation: float):
@@ -664,15 +655,15 @@ def optimise_rows_bound(
     if concentration > 0:
         unedited = target_probs(target_logits[..., :n_nouns], rest_lse, torch.zeros_like(target_logits[..., :n_nouns]))
         reference = spread(unedited, hw)
-    problem = (target_logits, rest_lse, bases)
-    terms = (ref_high, ref_mean, pairs, n_nouns, binding, loss, separation, concentration, reference, hw)
+    terms = BoundTerms(ref_high, ref_mean, pairs, n_nouns, binding, loss, separation, concentration, reference, hw)
     if closed_form:
-        return descend_rows(lambda w: bound_loss_and_grad(*problem, w, *terms), init_weights, iterations, lr, steps)
+        return descend_rows(lambda w: bound_loss_and_grad(target_logits, rest_lse, bases, w, terms), init_weights,
+                            iterations, lr, steps)
 
     def loss_and_grad(w: torch.Tensor):
         w = w.clone().requires_grad_(True)
         with torch.enable_grad():
-            value = bound_loss(*problem, w, *terms)
+            value = bound_loss(target_logits, rest_lse, bases, w, terms)
             (grad,) = torch.autograd.grad(value.sum(), w)
         return value.detach(), grad
 

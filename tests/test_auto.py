@@ -13,7 +13,7 @@ from attnreg.calibrate import (
 from attnreg.config import ConfigError
 from attnreg.regulation import neglected
 from attnreg.regulation import (
-    RelativeLoss, bound_loss, bound_loss_and_grad, gaussian_bases, offsets_from_weights, optimise_rows,
+    BoundTerms, RelativeLoss, bound_loss, bound_loss_and_grad, gaussian_bases, offsets_from_weights, optimise_rows,
     optimise_rows_bound, reference_levels, relative_loss, relative_loss_and_grad, spread, target_probs,
 )
 from attnreg.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -308,11 +308,11 @@ def bound_grads(n_nouns, n, pairs, binding, separation, concentration, w_scale, 
     if logits_edit is not None:
         logits_edit(logits)
     w = torch.randn(8, 49, n, generator=torch.Generator().manual_seed(1), dtype=dtype) * w_scale
-    terms = (ref_high, ref_mean, pairs, n_nouns, binding, AUTO_LOSS, separation, concentration, reference, (8, 8))
+    terms = BoundTerms(ref_high, ref_mean, pairs, n_nouns, binding, AUTO_LOSS, separation, concentration, reference, (8, 8))
     w_ = w.clone().requires_grad_(True)
-    value = bound_loss(logits, rest, bases, w_, *terms)
+    value = bound_loss(logits, rest, bases, w_, terms)
     (expected,) = torch.autograd.grad(value.sum(), w_)
-    return (value.detach(), expected, *bound_loss_and_grad(logits, rest, bases, w, *terms))
+    return (value.detach(), expected, *bound_loss_and_grad(logits, rest, bases, w, terms))
 
 
 @pytest.mark.parametrize("w_scale", [0.0, 0.5], ids=["w0", "wrandom"])
