@@ -118,6 +118,11 @@ class RegulationConfig:
         pairs (seeds 0-15) every picture got the autograd picture's verdict, 600 were byte-identical, no pixel
         moved by more than 12 / 255 (benchmarks/RESULTS.md, issue 12). `fast=False` (--exact) does not imply it:
         the command line's --exact switches both off.
+      text_units (every preset; MMDiT joint attention only): the loss reads each target's map as its share of
+        the prompt's word columns (the image rows' probabilities renormalised over the words; SOS, EOS, padding,
+        zero columns and the image keys left out), as the paper's maps on a UNet are shares of the prompt's
+        tokens. The edit still adds the bumps to the target logits of the whole joint softmax. False: the maps
+        are shares of the whole joint row, where the image keys hold nearly all of it. A UNet ignores it.
       compile ("auto", "on", "off"; every preset): run the fast solver through torch.compile. "auto"
         compiles on CUDA only, because on CPU the first call's compile (10-75 s here) outweighs what it
         saves unless one process makes hundreds of images; a failure to compile falls back to eager with
@@ -153,6 +158,7 @@ class RegulationConfig:
     fast_binding: bool = False
     closed_form: bool = False
     compile: str = "auto"
+    text_units: bool = True
     preset: str = field(default="paper", compare=False)
 
     def __post_init__(self):
@@ -245,6 +251,8 @@ class RegulationConfig:
         for option in ("separation", "concentration", "fast_binding", "closed_form"):
             if not getattr(self, option):
                 del d[option]  # options added later; off leaves earlier hashes as they were
+        if self.text_units:
+            del d["text_units"]  # the default; it acts on joint attention only
         if self.compile == "auto":
             del d["compile"]  # a runtime choice (the same results to float rounding); kept out of old hashes
         return d

@@ -327,8 +327,10 @@ class JointRegulatedProcessor:
     its text length is the call's (`state.text_tokens`, from the transformer's forward).
     """
 
-    def __init__(self, name: str, original, state: RegulationState, family: str, restore_sos: bool):
+    def __init__(self, name: str, original, state: RegulationState, family: str, restore_sos: bool,
+                 first_word: int | None = None):
         self.name, self.original, self.state, self.family = name, original, state, family
+        self.first_word = first_word  # the joint text column of the prompt's first word (the loss's text units)
         self.single = name.startswith("single_transformer_blocks.")
         # FLUX: T5 has no SOS and column 0 is a word, which `restore_special` would put back unedited; so
         # regulate_step runs without it and only the EOS column is restored here.
@@ -394,7 +396,7 @@ class JointRegulatedProcessor:
         """regulation.regulate_step per group of images sharing their targets; (probs, batch rows changed)."""
         first = self.state.plan.n_images if self.state.guided else 0  # where the edited images start
         probs, images = regulate_groups(self.state, self.name, scores, probs, lambda image: rows.index(first + image),
-                                        n_image, self.config, self.restore_eos_only)
+                                        n_image, self.config, self.restore_eos_only, self.first_word)
         return probs, sorted(first + i for i in images)
 
     @staticmethod
@@ -402,12 +404,18 @@ class JointRegulatedProcessor:
         # JointAttnProcessor2_0 from the attention on, with the regulated image rows replaced (none when
         # `changed` is empty); `attn_mask`: an additive bias on the logits, keys laid out image then text.
         (q, k, v), (cq, ck, cv) = image, text
-        batch, n_image = hidden_states.shape[0], q.shape[2]
+        n_image = q.shape[2]
         query, key, value = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
         if changed:
             out[changed, :, :n_image] = edited.to(out.dtype)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1]).to(query.dtype)
+        return JointRegulatedProcessor._sd3_project(attn, out.to(query.dtype), n_image)
+
+    @staticmethod
+    def _sd3_project(attn, out, n_image: int):
+        # JointAttnProcessor2_0 after the attention: `out` (B, H, image + text tokens, D) to its two outputs.
+        batch, heads, _, head_dim = out.shape
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
         out, context = out[:, :n_image], out[:, n_image:]
         if not attn.context_pre_only:
             context = attn.to_add_out(context)
@@ -423,7 +431,12 @@ class JointRegulatedProcessor:
         out = dispatch_attention_fn(query, key, value, attn_mask=None, backend=FluxAttnProcessor._attention_backend,
                                     parallel_config=FluxAttnProcessor._parallel_config)  # (B, S, H, D)
         out[changed, n_text:] = edited.transpose(1, 2).to(out.dtype)
-        out = out.flatten(2, 3).to(query.dtype)
+        return JointRegulatedProcessor._flux_project(attn, out.to(query.dtype), n_text, single)
+
+    @staticmethod
+    def _flux_project(attn, out, n_text: int, single: bool = False):
+        # FluxAttnProcessor after the attention: `out` (B, S, H, D), text first, to its output(s).
+        out = out.flatten(2, 3)
         if single:  # no encoder_hidden_states: the processor returns the one sequence as it is
             return out
         context, out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
@@ -560,8 +573,9 @@ class JointAttentionRegulator(AttentionRegulator):
 
         joint = set(editable_layers(transformer))
         restore_sos = self.family == "sd3"
+        first_word = self.stream.offset + (1 if self.stream.name == "clip" else 0)  # after CLIP's SOS
         wrapped = {
-            key: JointRegulatedProcessor(name, proc, state, self.family, restore_sos)
+            key: JointRegulatedProcessor(name, proc, state, self.family, restore_sos, first_word)
             if (name := key.removesuffix(".processor")) in self.layers or (state.observers and name in joint)
             else proc
             for key, proc in transformer.attn_processors.items()

@@ -236,14 +236,17 @@ class RegulatedAttnProcessor:
 
 
 def regulate_groups(state: RegulationState, layer: str, scores: torch.Tensor, probs: torch.Tensor, row_of,
-                    n_pixels: int, config: RegulationConfig | None = None, restore_eos_only: bool = False):
+                    n_pixels: int, config: RegulationConfig | None = None, restore_eos_only: bool = False,
+                    first_word: int | None = None):
     """`regulation.regulate_step` for every group of the plan's images that share their targets, at one
     edited layer call: (probs with those images' rows replaced, the images changed).
 
     scores, probs: (batch, heads, P, J); `row_of(image)` is the image's row in them. The state keeps each
     group's best weights for the next step's blend and the solver's losses. `restore_eos_only` puts
     back the EOS column after the step (for a text stream without SOS, where `config` has
-    restore_special off)."""
+    restore_special off). `first_word`: the column of the prompt's first word; with it (and
+    `config.text_units`) the loss measures the targets as shares of the prompt's word columns (first_word up
+    to each image's EOS), not of the whole row."""
     plan, heads = state.plan, scores.shape[1]
     config = config or state.config
     hw = state.map_shape(n_pixels)
@@ -257,9 +260,13 @@ def regulate_groups(state: RegulationState, layer: str, scores: torch.Tensor, pr
         eos = torch.tensor([plan.image_eos[i] for i in images], device=scores.device).repeat_interleave(heads)
         flat = lambda x: x[rows].reshape(len(rows) * heads, n_pixels, -1)  # noqa: E731 - (B, P, J)
         unedited = flat(probs)
+        words = None
+        if first_word is not None and config.text_units:
+            columns = torch.arange(scores.shape[-1], device=scores.device)
+            words = (columns >= first_word) & (columns < eos[:, None])  # (rows x heads, J)
         done = regulate_step(flat(scores), unedited, targets, bases, init, state.previous_best.get(key),
                              state.step, config, heads=heads, eos=eos, n_nouns=n_nouns, pairs=pairs,
-                             edit=edit, hw=hw)
+                             edit=edit, hw=hw, words=words)
         if done is None:  # no image of this group needs regulation at this step
             state.previous_best[key] = torch.zeros_like(init)
             continue

@@ -754,16 +754,19 @@ def regulate_step(
     pairs: tuple = (),
     edit=None,
     hw: tuple[int, int] | None = None,
+    words: torch.Tensor | None = None,
 ) -> RegulatedStep | None:
     """Attention Regulation at one edited layer and step, for rows sharing `targets` (Sec. 4, Alg. 1).
 
     scores, probs: (B, P, J) logits S and softmax(S) of the conditional rows, B = images x heads.
     The neglect test first (`images_to_edit`); then `edit_group` (or `edit`, a compiled copy of it from
     compiled.py) solves, smooths and applies. None: nothing to edit.
+    words: (B, J) bool, the columns the loss measures the targets' maps in (`renormalised`); None: the
+    whole row. The edit itself always acts in the whole softmax.
     """
     n_nouns = len(targets) if n_nouns is None else n_nouns
     t = torch.tensor(targets, device=scores.device)
-    unedited = probs[..., t] if config.loss == "relative" else None  # the relative loss's reference
+    unedited = renormalised(probs, t, words) if config.loss == "relative" else None  # the relative loss's reference
     edit_images = images_to_edit(unedited, heads, n_nouns, pairs, config)
     if edit_images is not None and not edit_images.any():
         return None  # tested before anything else is computed: most calls of a level prompt end here
@@ -772,25 +775,44 @@ def regulate_step(
     edit_rows = None if edit_images is None else edit_images.repeat_interleave(heads)
     # the step enters as a tensor so that a compiled `edit` is not specialised to each step
     decay = torch.tensor(config.decay**step, device=scores.device)
-    if edit is None or needs_autograd(pairs, n_nouns, config):
-        edit = functools.partial(edit_group, hw=hw)  # the autograd solver is never compiled
+    if edit is None or needs_autograd(pairs, n_nouns, config) or words is not None:
+        edit = functools.partial(edit_group, hw=hw, words=words)  # the autograd solver is never compiled
     return edit(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos, config, heads, n_nouns,
                 pairs)
 
 
+def renormalised(probs: torch.Tensor, t: torch.Tensor, words: torch.Tensor | None) -> torch.Tensor:
+    """The target columns `t` of `probs` (B, P, J), as shares of the columns `words` (B, J) bool, or as they
+    are when `words` is None: (B, P, n)."""
+    maps = probs[..., t]
+    if words is None:
+        return maps
+    return maps / (probs * words[:, None, :]).sum(dim=-1, keepdim=True)
+
+
+def rest_logsumexp(scores: torch.Tensor, t: torch.Tensor, words: torch.Tensor | None) -> torch.Tensor:
+    """(B, P, 1) log-sum-exp of the logits the targets `t` compete with in the loss: every other column of
+    the row, or with `words` (B, J) bool only the other columns among those (-inf where there is none)."""
+    if words is None:
+        # the other columns, in order, as an index of static length (targets are distinct): a boolean mask
+        # would give the same values but a data-dependent shape, which a compiler cannot fix in advance
+        is_target = torch.zeros(scores.shape[-1], dtype=torch.uint8, device=scores.device).index_fill_(0, t, 1)
+        others = torch.argsort(is_target, stable=True)[: scores.shape[-1] - t.shape[0]]
+        return torch.logsumexp(scores.index_select(-1, others), dim=-1, keepdim=True)
+    rest = words.clone()
+    rest[:, t] = False
+    return torch.logsumexp(scores.masked_fill(~rest[:, None, :], float("-inf")), dim=-1, keepdim=True)
+
+
 def edit_group(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos, config, heads: int,
-               n_nouns: int, pairs, hw=None) -> RegulatedStep:
+               n_nouns: int, pairs, hw=None, words=None) -> RegulatedStep:
     """Alg. 1 on the rows of one group: the solver finds bump weights w from `init`; the weights applied
     are `smoothed_weights` of the previous step's best (`previous`) and this step's, scaled by `decay`
     (decay**step); the offsets Delta = sum_k w_k G_k are added to the targets' (`t`) logits and the
     softmax is taken again. SOS and the first EOS (`eos`, per row) keep their original probabilities when
     `config.restore_special` (as released). Rows outside `edit_rows` (the images the neglect test leaves
     alone; None = all edited) keep their probabilities exactly. No host sync, fixed shapes: compilable."""
-    # the other columns, in order, as an index of static length (targets are distinct): a boolean mask
-    # would give the same values but a data-dependent shape, which a compiler cannot fix in advance
-    is_target = torch.zeros(scores.shape[-1], dtype=torch.uint8, device=scores.device).index_fill_(0, t, 1)
-    others = torch.argsort(is_target, stable=True)[: scores.shape[-1] - t.shape[0]]
-    target_logits, rest_lse = scores[..., t], torch.logsumexp(scores.index_select(-1, others), dim=-1, keepdim=True)
+    target_logits, rest_lse = scores[..., t], rest_logsumexp(scores, t, words)
     result = solve_weights(target_logits, rest_lse, bases, init, unedited, heads, n_nouns, pairs, config, hw)
     applied = decay * smoothed_weights(previous, result.weights, 0, config.smoothing)
     if edit_rows is not None:

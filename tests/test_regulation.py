@@ -12,6 +12,8 @@ from attnreg.regulation import (
     offsets_from_weights,
     optimise_offsets,
     regulation_loss,
+    renormalised,
+    rest_logsumexp,
     smoothed_weights,
     target_probs,
     target_share,
@@ -48,6 +50,29 @@ def test_target_probs_equal_full_softmax():
     expected = full.softmax(-1)[..., t]
     got = target_probs(s[..., t], torch.logsumexp(s[..., keep], -1, keepdim=True), delta)
     torch.testing.assert_close(got, expected)
+
+
+def test_target_probs_in_text_units_are_shares_of_the_word_columns():
+    """With a word mask the solver's maps are the targets' shares of the word columns only, edited or not;
+    the other columns (SOS, padding, image keys) drop out of the loss."""
+    torch.manual_seed(0)
+    s = torch.randn(2, 10, 40) * 3
+    t = torch.tensor([3, 5])
+    words = torch.zeros(2, 40, dtype=torch.bool)
+    words[0, 1:7], words[1, 1:9] = True, True  # each row its own prompt length
+    delta = torch.randn(2, 10, 2)
+    edited = s.clone()
+    edited[..., t] += delta
+    p = edited.softmax(-1)
+    expected = p[..., t] / (p * words[:, None]).sum(-1, keepdim=True)
+    got = target_probs(s[..., t], rest_logsumexp(s, t, words), delta)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(renormalised(p, t, words), expected)
+    assert not torch.allclose(renormalised(p, t, None), expected)  # the whole row is another unit
+    only_targets = torch.zeros(2, 40, dtype=torch.bool)
+    only_targets[:, t] = True  # nothing else to compete with: each pixel's shares sum to 1
+    torch.testing.assert_close(target_probs(s[..., t], rest_logsumexp(s, t, only_targets), delta).sum(-1),
+                               torch.ones(2, 10))
 
 
 def test_loss_on_a_made_up_map():
