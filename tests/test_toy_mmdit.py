@@ -47,7 +47,7 @@ def test_training_resumes_from_its_checkpoint(run):
     key = "transformer_blocks.0.attn.to_q.weight"
     assert not torch.equal(first["transformer"][key], resumed["transformer"][key])
     info = json.loads((export / "attnreg.json").read_text())
-    assert info["arch"] == "mmdit" and info["train_step"] == 4 and info["token_grid"] == 16
+    assert info["arch"] == "mmdit" and info["train_step"] == 4 and info["token_grid"] == 16 // MMDiTConfig.tiny().patch_size
     assert info["joint_layers"] == ["transformer_blocks.1.attn"]  # the middle third of 3 blocks
     assert (export / "loss.png").exists() and (export / "train_config.json").exists()
 
@@ -158,11 +158,13 @@ def test_bench_runs_on_the_mmdit_export(run, tmp_path):
     from attnreg.eval.runner import run_benchmark
 
     _, export, _ = run
-    summary = run_benchmark("shapes", "sd,attnreg", seeds="0", model=str(export), out=tmp_path / "bench", steps=2,
+    summary = run_benchmark("shapes", "sd,attnreg,taca", seeds="0", model=str(export), out=tmp_path / "bench", steps=2,
                             limit=1, subsets=["2obj"], metrics="detect", progress=False)
-    assert summary["generated"] == 2
+    assert summary["generated"] == 3
     images = sorted((tmp_path / "bench" / "images").rglob("*.png"))
-    assert len(images) == 2 and all(Image.open(p).size == (64, 64) for p in images)
+    assert len(images) == 3 and all(Image.open(p).size == (64, 64) for p in images)
+    sd, taca = (np.asarray(Image.open(next((tmp_path / "bench" / "images").rglob(f"{m}*/**/*.png")))) for m in ("sd", "taca"))
+    assert np.abs(sd.astype(int) - taca).max() > 0  # TACA's first steps change the picture
     assert (tmp_path / "bench" / "report.md").exists()
 
 

@@ -110,6 +110,31 @@ register_method(AttnReg, "attnreg-bind", "Attention Regulation with binding=1 (t
                 binding=1.0, concentration=0.0, closed_form=False)  # both joined the default later (2026-12-01)
 
 
+@register_method
+class Taca(Method):
+    """TACA, training-free (attnreg.taca): on SD3 / FLUX only. Options: gamma (1.2), steps (3)."""
+
+    name = "taca"
+    description = "TACA (Lv et al. 2025), training-free: image-query x text-key logits x gamma in the first steps"
+
+    def __init__(self, pipe, **options):
+        from attnreg.regulator import UnsupportedPipelineError
+        from attnreg.taca import GAMMA, STEPS, TextAttentionScaling
+
+        defaults = {"gamma": GAMMA, "steps": STEPS}
+        bad = [k for k in options if k not in defaults]
+        if bad:
+            raise MethodError(f"unknown option(s) {', '.join(bad)} for method {self.name}; valid: {', '.join(defaults)}")
+        super().__init__(pipe, **{**defaults, **options})
+        try:
+            self.scaler = TextAttentionScaling(pipe, **self.options)
+        except (UnsupportedPipelineError, ValueError) as err:
+            raise MethodError(f"method {self.name}: {err}") from None
+
+    def generate(self, prompt, targets, generator, **call):
+        return self.scaler(prompt, generator=generator, **call).images[0]
+
+
 def cross_attention_resolution(unet, height: int, vae_scale_factor: int, layers=None) -> tuple[int, int]:
     """Side of the cross-attention maps of `layers` (default: attnreg's default layers) at `height`;
     with layers at several resolutions, the lowest is taken."""
