@@ -177,3 +177,12 @@ def test_explain_command_on_the_mmdit_export(run, tmp_path, capsys):
     info = json.loads((out / "explain.json").read_text())
     assert "joint attention" in info["maps"] and info["recorded_layers"]
     assert "circle" in capsys.readouterr().out  # the diagnosis names the targets
+
+
+def test_a_device_without_cuda_is_refused_before_any_work(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    with pytest.raises(SystemExit) as stop:
+        train(["--arch", "mmdit", "--config", "tiny", "--out", str(tmp_path / "run"), "--device", "cuda"])
+    assert stop.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "latents").exists()

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import TRAIN_COMMANDS, model_path
 from .train import (Captioner, Config, LossLog, draw_batch, encode_pool, fit, load_ema, load_pool, log, publish,
-                    step_rng)
+                    step_rng, to_device)
 from .world import COLOUR_NAMES, SHAPES
 
 EXPORT = model_path("toy-mmdit", check=False)
@@ -179,14 +179,15 @@ def flow_loss(cfg: MMDiTConfig, transformer, te1, te2, capt, sched, lat, objs, s
     u = compute_density_for_timestep_sampling("logit_normal", cfg.batch, cfg.logit_mean, cfg.logit_std, generator=g)
     i = (u * sched.config.num_train_timesteps).long().clamp(max=sched.config.num_train_timesteps - 1)
     sigma = sched.sigmas[i].view(-1, 1, 1, 1)
+    noisy, target, timestep, ids = to_device(transformer, (1 - sigma) * x0 + sigma * noise, noise - x0,
+                                             sched.timesteps[i], ids)
     embeds, pooled = prompt_embeds(te1, te2, ids, zero_columns)
-    pred = transformer((1 - sigma) * x0 + sigma * noise, encoder_hidden_states=embeds, pooled_projections=pooled,
-                       timestep=sched.timesteps[i]).sample
-    return F.mse_loss(pred, noise - x0)
+    pred = transformer(noisy, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=timestep).sample
+    return F.mse_loss(pred, target)
 
 
 def train_mmdit(cfg: MMDiTConfig, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None,
-                export: Path | None) -> bool:
+                export: Path | None, device: str = "cpu") -> bool:
     lat, objs, scale = load_pool(cfg, out)
     log(f"mmdit: pool of {len(lat)} latents, scaling factor {scale:.4f}")
     transformer = build_transformer(cfg, lat.shape[-1])
@@ -199,7 +200,7 @@ def train_mmdit(cfg: MMDiTConfig, out: Path, losses: LossLog, ckpt_seconds: floa
             export_mmdit(cfg, out, export, ema_weights=ema, losses=losses, step=step)
     return fit(cfg, out, losses, "mmdit", {"transformer": transformer, "text_encoder": te1, "text_encoder_2": te2},
                lambda step: flow_loss(cfg, transformer, te1, te2, capt, sched, lat, objs, scale, zero_columns, step),
-               cfg.mmdit_steps, ckpt_seconds, stop_at, export_fn)
+               cfg.mmdit_steps, ckpt_seconds, stop_at, export_fn, device)
 
 
 # ----------------------------------------------------------------------------------------------

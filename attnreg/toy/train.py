@@ -374,7 +374,7 @@ def resume(path: Path, phase: str, modules: dict, opt, ema: list[torch.Tensor], 
     go on from (0 without a checkpoint)."""
     if not path.exists():
         return 0
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=False, map_location="cpu")  # any device's checkpoint resumes on any other
     for name, module in modules.items():
         module.load_state_dict(ck[name])
     opt.load_state_dict(ck["opt"])
@@ -405,17 +405,27 @@ def unet_loss(cfg: Config, unet, te, capt, sched, snr, lat, objs, scale: float, 
     x0, ids = draw_batch(cfg, capt, lat, objs, scale, rng, g)
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=g)
-    pred = unet(sched.add_noise(x0, noise, t), t, te(ids)[0]).sample
     w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR weighting for epsilon prediction
+    noisy, t, ids, noise, w = to_device(unet, sched.add_noise(x0, noise, t), t, ids, noise, w)
+    pred = unet(noisy, t, te(ids)[0]).sample
     return (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
+def to_device(module, *tensors):
+    """`tensors` on `module`'s device: every draw is made on the CPU, so any device trains on the same batches."""
+    device = next(module.parameters()).device
+    return tuple(x.to(device) for x in tensors)
+
+
 def fit(cfg: Config, out: Path, losses: LossLog, phase: str, modules: dict, loss_fn, total: int, ckpt_seconds: float,
-        stop_at: float | None, export_fn=None) -> bool:
+        stop_at: float | None, export_fn=None, device: str = "cpu") -> bool:
     """The denoiser phase's loop, shared by the UNet and the MMDiT: AdamW with warm-up and cosine, gradient clip
     1, EMA of every module, `loss_fn(step)` for the step's loss. Checkpoints (`OUT/<phase>.pt`: each module's
     state by name, optimiser, EMA, step) every `ckpt_seconds`, at the end and on a stop request, each followed
-    by `export_fn(ema, step)`. True when stopped early."""
+    by `export_fn(ema, step)`. True when stopped early. `device`: where the modules train (the batches are
+    drawn on the CPU either way)."""
+    for m in modules.values():
+        m.to(device)
     params = [p for m in modules.values() for p in m.parameters()]
     for name, m in modules.items():
         log(f"{phase}: {name} {sum(p.numel() for p in m.parameters()):,} parameters")
@@ -470,7 +480,8 @@ def load_ema(modules: list, ema_weights) -> None:
             p.copy_(e)
 
 
-def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None, export: Path | None) -> bool:
+def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, stop_at: float | None, export: Path | None,
+               device: str = "cpu") -> bool:
     lat, objs, scale = load_pool(cfg, out)
     log(f"unet: pool of {len(lat)} latents, scaling factor {scale:.4f}")
     unet, te = build_unet(cfg), build_text_encoder(cfg)
@@ -484,7 +495,7 @@ def train_unet(cfg: Config, out: Path, losses: LossLog, ckpt_seconds: float, sto
             export_pipeline(cfg, out, export, ema_weights=ema, losses=losses, step=step)
     return fit(cfg, out, losses, "unet", {"unet": unet, "text_encoder": te},
                lambda step: unet_loss(cfg, unet, te, capt, sched, snr, lat, objs, scale, step),
-               cfg.unet_steps, ckpt_seconds, stop_at, export_fn)
+               cfg.unet_steps, ckpt_seconds, stop_at, export_fn, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,7 +600,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     ap.add_argument("--export-only", action="store_true", help="export from the latest checkpoint and exit")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
+    ap.add_argument("--device", default="cpu", help="where the denoiser and text encoders train: cpu (default), cuda, "
+                    "cuda:1, ...; the batches are drawn on the CPU, so every device sees the same ones")
     a = ap.parse_args(argv)
+    try:
+        device = torch.device(a.device)
+    except RuntimeError as err:
+        ap.error(f"--device {a.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: this torch ({torch.__version__}) sees no CUDA device")
 
     mmdit = a.arch == "mmdit"
     if mmdit:
@@ -631,11 +650,11 @@ def main(argv=None) -> int:
         return 0
     if mmdit:
         steps = (("latents", lambda: arch.encode_pool_mmdit(cfg, out, stop_at)),
-                 ("mmdit", lambda: arch.train_mmdit(cfg, out, losses, ckpt_s, stop_at, export)))
+                 ("mmdit", lambda: arch.train_mmdit(cfg, out, losses, ckpt_s, stop_at, export, a.device)))
     else:
         steps = (("vae", lambda: train_vae(cfg, out, losses, ckpt_s, stop_at)),
                  ("latents", lambda: encode_pool(cfg, out, stop_at)),
-                 ("unet", lambda: train_unet(cfg, out, losses, ckpt_s, stop_at, export)))
+                 ("unet", lambda: train_unet(cfg, out, losses, ckpt_s, stop_at, export, a.device)))
     phases = (a.phases or ",".join(name for name, _ in steps)).split(",")
     for phase, run in steps:
         if phase in phases and run():
