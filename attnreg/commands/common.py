@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..names import option_value, split_list
+from ..names import split_list
+from ..options import config_options
 
 
 class Parser(argparse.ArgumentParser):
@@ -132,8 +133,10 @@ def add_regulation_args(p: argparse.ArgumentParser) -> None:
                    help="fast solver through torch.compile: auto = on CUDA only (default), on (also CPU: the first "
                    "call compiles for 10-75 s), off = eager; a failed compile falls back to eager with a warning")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="options",
-                   help="any RegulationConfig field (attnreg/config.py), repeatable, applied last; the value is JSON, "
-                   "else text: --set binding=0 (no modifier binding), --set concentration=0, --set neglect_ratio=null")
+                   help="any RegulationConfig field (attnreg/config.py) but preset, repeatable, applied last; the value is "
+                   "parsed by the field's type (booleans: true/false, 1/0, yes/no; numbers finite; null for None; "
+                   "layers comma-separated): --set binding=0 (no modifier binding), --set fast=false, "
+                   "--set neglect_ratio=null")
 
 
 def regulation_config(args):
@@ -149,11 +152,7 @@ def regulation_config(args):
         overrides["closed_form"] = False
     if getattr(args, "compile", "auto") != "auto":
         overrides["compile"] = args.compile
-    for pair in getattr(args, "options", []):
-        option, sep, value = pair.partition("=")
-        if not sep or not option:
-            raise ValueError(f"bad --set {pair!r}: use OPTION=VALUE, e.g. --set binding=0")
-        overrides[option.strip()] = option_value(value)
+    overrides.update(config_options(getattr(args, "options", [])))
     return RegulationConfig.from_preset(args.preset, **overrides)
 
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..names import option_value
+from ..options import config_option, parse_seeds  # noqa: F401 - parse_seeds: the runner's public name too
 from .datasets import Prompt, load_dataset
 from .io import (
     atomic_save_image, atomic_write_json, claim, damaged, image_path, is_done, item_key, iter_records, noise_seed,
     record_path, release, remove_stale_tmp, stable_hash,
 )
-from .methods import check_methods, make_method
+from .methods import METHODS, AttnReg, check_methods, make_method
 
 # The fields of a run that must agree for records to share a folder.
 RUN_KEYS = ("dataset", "model", "steps", "guidance", "height", "width", "dtype")
@@ -31,44 +32,23 @@ class ConfigMismatchError(ValueError):
     """The output folder holds records of another configuration."""
 
 
-def parse_seeds(text: str | int | list) -> list[int]:
-    """"0-63", "0,3,7", "0-3,10" -> list of ints (in order, without repeats)."""
-    if isinstance(text, int):
-        return [text]
-    if isinstance(text, (list, tuple)):
-        return [int(s) for s in text]
-    seeds: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                lo, hi = int(lo), int(hi)
-                if hi < lo:
-                    raise ValueError
-                new = list(range(lo, hi + 1))
-            else:
-                new = [int(part)]
-        except ValueError:
-            raise ValueError(f"bad --seeds {text!r}: use e.g. 0-63, 0,1,2 or 0-3,10") from None
-        seeds += [s for s in new if s not in seeds]
-    if not seeds:
-        raise ValueError(f"bad --seeds {text!r}: no seeds")
-    return seeds
-
-
 def parse_sets(pairs: list[str] | None) -> dict[str, dict]:
     """["attnreg.edit_steps=2", "attend-and-excite.thresholds={}"] -> {"attnreg": {"edit_steps": 2}, ...}.
-    Values are JSON when they parse as JSON, else strings."""
+    Options of Attention Regulation's methods are `RegulationConfig` fields, parsed by the field's type (their
+    preset is the method's: attnreg, attnreg-paper); other methods' values are JSON when they parse, else text."""
     out: dict[str, dict] = {}
     for pair in pairs or []:
         if "=" not in pair or "." not in pair.split("=", 1)[0]:
             raise ValueError(f"bad --set {pair!r}: use METHOD.OPTION=VALUE, e.g. attend-and-excite.max_iter_to_alter=10")
         lhs, value = pair.split("=", 1)
         method, option = lhs.rsplit(".", 1)
-        out.setdefault(method, {})[option] = option_value(value)
+        if isinstance(METHODS.get(method), type) and issubclass(METHODS[method], AttnReg):
+            if option == "preset":
+                raise ValueError(f"--set {pair}: preset is not an option; choose it by the method "
+                                 f"(attnreg: auto, attnreg-paper: paper)")
+            out.setdefault(method, {})[option] = config_option(option, value, method)
+        else:
+            out.setdefault(method, {})[option] = option_value(value)
     return out
 
 
