@@ -10,10 +10,15 @@ from .common import add_model_args, add_sampling_args, prepare_run
 
 
 def cmd_ablate(args) -> int:
-    from ..ablate import ablate
+    from ..ablate import ablate, parse_values
+    from ..options import parse_seeds
 
+    parse_seeds(args.seeds)
+    values = parse_values(args.param, args.values)
+    if args.param == "edit_steps" and max(values) > args.steps:
+        raise ValueError(f"--values for edit_steps: {max(values)} is more than --steps {args.steps}")
     prepare_run(args)  # the device exists; --threads
-    result = ablate(args.param, args.values, metrics=args.metrics, fidelity=args.fidelity,
+    result = ablate(args.param, values, metrics=args.metrics, fidelity=args.fidelity,
                     metric_options={"clip_model": args.clip_model}, **bench_options(args))
     print(f"{'value':>24}  {'n':>4}  {result.fidelity:>24}  seconds/image")
     for row in result.rows:
@@ -43,7 +48,7 @@ def register(subparsers) -> None:
                    help="comma-separated numbers; for layers, sets separated by ';' (e.g. 'down_blocks.2;down_blocks.2,up_blocks.1')")
     p.add_argument("--dataset", default="shapes", help="shapes, ae or file:PATH (default: shapes)")
     p.add_argument("--subsets", default=None)
-    p.add_argument("--seeds", default="0-7")
+    p.add_argument("--seeds", default="0-7", help="e.g. 0-7, 0,1,2 or 0-3,10 (default 0-7)")
     p.add_argument("--limit", type=int, default=10, help="prompts per subset (default 10)")
     add_model_args(p)
     add_sampling_args(p)

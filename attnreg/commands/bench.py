@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..names import split_list
-from .common import MODEL_HELP, add_sampling_args, model_name
+from .common import MODEL_HELP, add_sampling_args, model_name, positive_int
 
 
 def _add_metric_model_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def register(sub) -> None:
     b.add_argument("--dataset", required=True, help=f"{', '.join(DATASETS)}")
     b.add_argument("--subsets", default=None, help="comma-separated subsets (default: all)")
     b.add_argument("--methods", default="sd,attnreg", help=f"comma-separated, from: {', '.join(METHODS)} (default: sd,attnreg)")
-    b.add_argument("--seeds", default="0-63", help="e.g. 0-63, 0,1,2 (default 0-63)")
+    b.add_argument("--seeds", default="0-63", help="e.g. 0-63, 0,1,2 or 0-15,20 (default 0-63)")
     b.add_argument("--model", type=model_name, default=None, help=MODEL_HELP)
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--metrics", default="auto",
@@ -83,7 +83,7 @@ def register(sub) -> None:
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                    help="a method option (JSON value), e.g. attend-and-excite.max_iter_to_alter=10, attnreg.edit_steps=20; repeatable")
-    b.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default: 1)")
+    b.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per process (default: 1)")
     b.set_defaults(on_interrupt="finished images are kept; the same command resumes")
     b.add_argument("--force", action="store_true", help="write beside records of another configuration (never overwrites)")
     b.add_argument("--warmup", action="store_true", help="one untimed image per method first (fairer seconds/image)")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..names import split_list
-from .common import add_model_args, guidance_scale, load_model, positive_int, prepare_run, writable_folder
+from ..options import parse_seeds
+from .common import add_model_args, fraction, guidance_scale, load_model, positive_int, prepare_run, writable_folder
 
 
 def register(sub) -> None:
@@ -13,10 +13,11 @@ def register(sub) -> None:
     add_model_args(c)
     c.add_argument("--prompts", default=None, help="a file with one prompt per line (default: the model's "
                    "attnreg.json calibration_prompts, else 8 generic two- and three-object prompts)")
-    c.add_argument("--seeds", default="0,1", help="comma-separated seeds per prompt (default: 0,1)")
+    c.add_argument("--seeds", default="0,1", help="seeds per prompt, e.g. 0-3 or 0,1,5 (default: 0,1)")
     c.add_argument("--steps", type=positive_int, default=50, help="denoising steps; the first half are observed (default: 50)")
     c.add_argument("--guidance", type=guidance_scale, default=7.5, help="guidance scale, > 1 (default: 7.5)")
-    c.add_argument("--keep", type=float, default=0.5, help="keep layers within this fraction of the best contrast (default: 0.5)")
+    c.add_argument("--keep", type=fraction, default=0.5,
+                   help="keep layers within this fraction of the best contrast, in (0, 1] (default: 0.5)")
     c.add_argument("--out", default=None, help="folder whose attnreg.json gets the result (default: the model's)")
     c.set_defaults(func=cmd_calibrate)
 
@@ -24,6 +25,7 @@ def register(sub) -> None:
 def cmd_calibrate(args) -> int:
     from ..calibrate import CalibrationError, calibrate, model_folder, write_calibration
 
+    seeds = parse_seeds(args.seeds)
     prompts = None
     if args.prompts:
         path = Path(args.prompts)
@@ -36,7 +38,6 @@ def cmd_calibrate(args) -> int:
     if args.out:
         writable_folder(args.out)
     pipe = load_model(args)
-    seeds = [int(s) for s in split_list(args.seeds)]
     result = calibrate(pipe, prompts=prompts, seeds=seeds, steps=args.steps, guidance_scale=args.guidance, keep=args.keep)
     print("layer                                                   map    mass  contrast")
     for layer, st in result["layer_stats"].items():

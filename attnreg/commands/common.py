@@ -4,10 +4,11 @@ and the options of models, sampling and regulation."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..names import split_list
-from ..options import config_options
+from ..options import OptionError, config_options, parse_seed
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,11 +39,32 @@ def image_size(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """--seed: a torch generator's seed, 0 .. 2**64 - 1."""
+    try:
+        return parse_seed(text)
+    except OptionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def fraction(text: str) -> float:
+    """A share in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
 def guidance_scale(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     if not value > 1:
         raise argparse.ArgumentTypeError(
             f"{text} must be > 1: attnreg edits the conditional half of classifier-free guidance")
@@ -143,7 +165,9 @@ def regulation_config(args):
     from ..config import RegulationConfig
 
     overrides = {}
-    if args.layers:
+    if args.layers is not None:
+        if not split_list(args.layers):
+            raise ValueError("--layers is empty; name blocks or attn2 modules, or leave it out for the model's layers")
         overrides["layers"] = tuple(split_list(args.layers))
     if args.edit_steps is not None:
         overrides["edit_steps"] = args.edit_steps

@@ -6,7 +6,7 @@ from ..explain import MAP_SCALES
 from ..names import prompt_stem, split_list
 from .common import (
     add_model_args, add_regulation_args, add_sampling_args, int_list, load_model, prepare_run, regulation_config,
-    writable_folder,
+    seed, writable_folder,
 )
 
 
@@ -16,8 +16,11 @@ def cmd_explain(args) -> int:
     steps_shown = int_list(args.steps_shown, "--steps-shown")
     violin_steps = int_list(args.violin_steps, "--violin-steps")
     for name, steps in (("--steps-shown", steps_shown), ("--violin-steps", violin_steps)):
-        if steps and not all(0 <= s < args.steps for s in steps):
+        if steps is not None and not (steps and all(0 <= s < args.steps for s in steps)):
             raise ValueError(f"{name} must be steps in 0..{args.steps - 1} (--steps {args.steps}), got {steps}")
+    if violin_steps is not None and len(violin_steps) != 2:
+        raise ValueError(f"--violin-steps takes two steps (before and after, e.g. 0,{args.steps - 1}), "
+                         f"got {len(violin_steps)}: {violin_steps}")
     if not args.prompt.strip():
         raise ValueError("the prompt is empty; give the text to draw, e.g. \"a red circle and a blue square\"")
     config = regulation_config(args)
@@ -50,7 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("prompt")
     p.add_argument("--targets", default=None, help="comma-separated target words (default: the prompt's nouns)")
     add_model_args(p)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=seed, default=42, help="noise seed of both runs, 0..2**64-1 (default: 42)")
     add_sampling_args(p)
     p.add_argument("--steps-shown", default=None,
                    help="comma-separated steps of maps.png (default: 0,5,15,25,35,49 scaled to --steps)")

@@ -6,8 +6,8 @@ import json
 
 from ..names import prompt_stem, split_list
 from .common import (
-    add_model_args, add_regulation_args, add_sampling_args, load_model, non_negative_int, positive_int, prepare_run,
-    regulation_config, writable_folder,
+    add_model_args, add_regulation_args, add_sampling_args, load_model, positive_int, prepare_run, regulation_config, seed,
+    writable_folder,
 )
 
 
@@ -16,7 +16,8 @@ def register(sub) -> None:
     g.add_argument("prompt", help="the text to draw")
     g.add_argument("--targets", default=None, help="comma-separated target words (default: the prompt's nouns)")
     add_model_args(g)
-    g.add_argument("--seed", type=non_negative_int, default=42, help="noise seed; the original uses the same (default: 42)")
+    g.add_argument("--seed", type=seed, default=42,
+                   help="noise seed, 0..2**64-1; the original uses the same (default: 42)")
     add_sampling_args(g)
     g.add_argument("-n", type=positive_int, default=1, help="images per prompt (default: 1)")
     g.add_argument("--out", default="outputs", help="output folder, made if missing (default: outputs)")
