@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .names import split_list
+
 
 class TargetError(ValueError):
     """A target that cannot be found among the prompt's tokens."""
@@ -74,6 +76,37 @@ def resolve_targets(tokenizer, prompt: str, targets: list[str | int]) -> list[in
                 )
         found += [i for i in indices if i not in found]
     return found
+
+
+def command_line_targets(text: str | None) -> list[str | int] | None:
+    """--targets as typed, as `resolve_targets` takes them: comma-separated words or phrases, a number is a
+    token index (as in Python), and a word named again means its next occurrence ("circle,circle" ->
+    circle, circle#2; "cat#2,cat" -> cat#2, cat). None stays None (not given)."""
+    if text is None:
+        return None
+    parts = split_list(text)
+    taken: dict[str, set[int]] = {}
+    for part in parts:  # occurrences named with #N are taken first, whatever their place
+        match = _OCCURRENCE.match(part)
+        if match:
+            taken.setdefault(_word_key(match.group(1)), set()).add(int(match.group(2)))
+    out: list[str | int] = []
+    for part in parts:
+        if part.isdigit():
+            out.append(int(part))
+            continue
+        if _OCCURRENCE.match(part):
+            out.append(part)
+            continue
+        used = taken.setdefault(_word_key(part), set())
+        n = next(k for k in range(1, len(parts) + len(used) + 2) if k not in used)
+        used.add(n)
+        out.append(part if n == 1 else f"{part}#{n}")
+    return out
+
+
+def _word_key(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
 def _find_phrase(tokenizer, ids: list[int], prompt: str, target: str, table: list[Token]) -> list[int]:

@@ -3,7 +3,7 @@
 import pytest
 
 from attnreg.tokenizer import load_clip_tokenizer
-from attnreg.tokens import TargetError, auto_targets, eos_index, resolve_targets, token_table
+from attnreg.tokens import TargetError, auto_targets, command_line_targets, eos_index, resolve_targets, token_table
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +68,21 @@ def test_automatic_targets_past_the_truncation_are_dropped_with_a_warning():
         warnings.simplefilter("always")
         info = reg.resolve(prompt, None)
     assert info["targets"] == ["cat"] and any("dropped" in str(w.message) and "dog" in str(w.message) for w in caught)
+
+
+def test_command_line_targets_repeats_and_indices():
+    assert command_line_targets("circle,circle") == ["circle", "circle#2"]
+    assert command_line_targets("cat#2, cat") == ["cat#2", "cat"]
+    assert command_line_targets("circle,circle#2,circle") == ["circle", "circle#2", "circle#3"]
+    assert command_line_targets("3,circle") == [3, "circle"]
+    assert command_line_targets(None) is None and command_line_targets("") == []
+
+
+def test_command_line_targets_on_the_command_line(capsys):
+    from attnreg.cli import main
+
+    prompt = "a red circle and a blue circle"
+    assert main(["tokens", prompt, "--targets", "circle,circle"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "targets: [3, 7]"
+    assert main(["tokens", prompt, "--targets", "7"]) == 0  # a token index, as in Python
+    assert capsys.readouterr().out.splitlines()[-1] == "targets: [7]"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..explain import MAP_SCALES
 from ..names import prompt_stem, split_list
+from ..tokens import command_line_targets
 from .common import (
     add_model_args, add_regulation_args, add_sampling_args, int_list, load_model, prepare_run, regulation_config,
     seed, writable_folder,
@@ -33,7 +34,7 @@ def cmd_explain(args) -> int:
     if args.size:
         call.update(height=args.size, width=args.size)
     ex = explain(
-        pipe, args.prompt, targets=split_list(args.targets), seed=args.seed, steps_shown=steps_shown,
+        pipe, args.prompt, targets=command_line_targets(args.targets), seed=args.seed, steps_shown=steps_shown,
         config=config, out=out, violin_steps=violin_steps, preview=args.preview, map_scale=args.map_scale,
         record_layers=split_list(args.record_layers), **call,
     )
@@ -51,7 +52,8 @@ def register(subparsers) -> None:
         "stats.png, compare.png and explain.json to --out, and print a diagnosis per target.",
     )
     p.add_argument("prompt")
-    p.add_argument("--targets", default=None, help="comma-separated target words (default: the prompt's nouns)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated target words or phrases; a number is a token index (attnreg tokens), a word named twice its next occurrence (circle,circle = circle,circle#2) (default: the prompt's nouns)")
     add_model_args(p)
     p.add_argument("--seed", type=seed, default=42, help="noise seed of both runs, 0..2**64-1 (default: 42)")
     add_sampling_args(p)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ..names import prompt_stem, split_list
+from ..names import prompt_stem
+from ..tokens import command_line_targets
 from .common import (
     add_model_args, add_regulation_args, add_sampling_args, load_model, positive_int, prepare_run, regulation_config, seed,
     writable_folder,
@@ -14,7 +15,8 @@ from .common import (
 def register(sub) -> None:
     g = sub.add_parser("generate", help="generate images with attention regulation")
     g.add_argument("prompt", help="the text to draw")
-    g.add_argument("--targets", default=None, help="comma-separated target words (default: the prompt's nouns)")
+    g.add_argument("--targets", default=None,
+                   help="comma-separated target words or phrases; a number is a token index (attnreg tokens), a word named twice its next occurrence (circle,circle = circle,circle#2) (default: the prompt's nouns)")
     add_model_args(g)
     g.add_argument("--seed", type=seed, default=42,
                    help="noise seed, 0..2**64-1; the original uses the same (default: 42)")
@@ -35,7 +37,7 @@ def cmd_generate(args) -> int:
         raise ValueError("the prompt is empty; give the text to draw, e.g. \"a red circle and a blue square\"")
     if args.edit_steps is not None and args.edit_steps > args.steps:
         raise ValueError(f"--edit-steps {args.edit_steps} is more than --steps {args.steps}")
-    targets = split_list(args.targets)
+    targets = command_line_targets(args.targets)
     if args.targets is not None and not targets:
         raise ValueError("--targets is empty; name words of the prompt, or leave it out for its nouns")
     config = regulation_config(args)

@@ -6,14 +6,15 @@ are looked up in is named; only the pipeline's tokenizers are loaded, not its mo
 
 from __future__ import annotations
 
-from ..names import split_list
+from ..tokens import command_line_targets
 from .common import model_name
 
 
 def register(sub) -> None:
     t = sub.add_parser("tokens", help="print the prompt's token table (the indices targets resolve to)")
     t.add_argument("prompt", help="the text whose tokens are shown")
-    t.add_argument("--targets", default=None, help="comma-separated target words to resolve to token indices")
+    t.add_argument("--targets", default=None, help="comma-separated target words to resolve to token indices, as "
+                   "generate takes them (a number is a token index; a word named twice its next occurrence)")
     t.add_argument("--model", type=model_name, default=None,
                    help="use this pipeline's tokenizer(s): a folder, hub id, toy-unet or toy-mmdit (default: the CLIP tokenizer)")
     t.add_argument("--text-stream", default=None, choices=["t5", "clip"],
@@ -51,7 +52,7 @@ def cmd_tokens(args) -> int:
     if args.targets:
         from ..tokens import resolve_targets
 
-        print("targets:", resolve_targets(tokenizer, args.prompt, split_list(args.targets)))
+        print("targets:", resolve_targets(tokenizer, args.prompt, command_line_targets(args.targets)))
     return 0
 
 
@@ -71,6 +72,6 @@ def _joint_tokens(args, family: str, tokenizers, length: int) -> int:
               f" {'the target stream' if stream == target else 'not searched for targets'}):")
         _print_table(table)
     if args.targets:
-        columns = stream_columns(target, args.prompt, split_list(args.targets), length)
+        columns = stream_columns(target, args.prompt, command_line_targets(args.targets), length)
         print(f"\ntargets ({names[target.name]} columns):", columns)
     return 0
