@@ -104,6 +104,7 @@ def test_one_weighted_zero_column_is_the_pipelines_256():
     cfg = MMDiTConfig.tiny()
     torch.manual_seed(0)
     model = build_transformer(cfg, 16).eval()
+    stock_processors = model.attn_processors
     x, clip = torch.randn(2, 4, 16, 16), torch.randn(2, 77, cfg.text_hidden + cfg.text2_hidden)
     pooled, t = torch.randn(2, cfg.text_hidden + cfg.text2_hidden), torch.tensor([500.0, 20.0])
 
@@ -114,9 +115,14 @@ def test_one_weighted_zero_column_is_the_pipelines_256():
 
     stock, one_unweighted = call(256), call(1)
     assert (one_unweighted - stock).abs().max() > 1e-4  # the count of zero columns matters ...
-    assert use_zero_columns(model, 256) == 1
-    assert all(isinstance(p, ZeroColumnsAttnProcessor) for p in model.attn_processors.values())
+    processor = use_zero_columns(model, 256)
+    assert all(p is processor for p in model.attn_processors.values())
     torch.testing.assert_close(call(1), stock, rtol=1e-4, atol=1e-5)  # ... and log(256) on one column is it
+    processor.counts = torch.tensor([8.0, 256.0])  # one count per caption, as training draws them
+    mixed = call(1)
+    model.set_attn_processor(stock_processors)
+    torch.testing.assert_close(mixed[1], stock[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[0], call(8)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_tiny_pipeline_without_training_generates():

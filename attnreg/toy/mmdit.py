@@ -18,13 +18,15 @@ Text. SD3 needs text_encoder and text_encoder_2; the T5 encoder is optional and 
 (text_encoder_3=None): a T5 tokenizer and encoder would add a second vocabulary for no gain in a world of
 12 words, and without T5 the targets are looked up in CLIP (attnreg.joint). The joint text stream is then
 exactly what the pipeline builds: 77 columns of [CLIP-1 penultimate layer | CLIP-2 penultimate layer] (one
-column per CLIP token: SOS, words, EOS, padding), then `max_sequence_length` (256, the pipeline's default)
-zero columns where T5 would be. The model is trained with that layout, so it is right for the pipeline's
-default call.
+column per CLIP token: SOS, words, EOS, padding), then `max_sequence_length` zero columns where T5 would
+be. Each training caption gets one of `zero_column_counts` (8 or 256) at random, so the model is right both
+for the pipeline's default call (256) and for the short one attnreg's tools make (`max_sequence_length` 8 in
+attnreg.json: 64 image + 85 text tokens per block instead of 64 + 333, about twice as fast to sample).
 
 The zero columns cost nothing here. They are identical tokens, and stay identical through every block
 (same input, same queries, same keys), so L of them act in every softmax exactly as one with log(L) added to
-its logit. Training therefore feeds one zero column and `ZeroColumnsAttnProcessor` adds log(L) to that key:
+its logit. Training therefore feeds one zero column and `ZeroColumnsAttnProcessor` adds log(L) to that key
+(each caption its own L):
 the same function (to float rounding; tests/test_toy_mmdit.py checks it against the stock processor with
 the real 256 zero columns) at about half the cost. The exported pipeline runs diffusers' own processors.
 """
@@ -62,11 +64,12 @@ class MMDiTConfig(Config):
     mmdit_head_dim: int = 64
     mmdit_layers: int = 6
     pos_embed_max_size: int = 32  # the sin-cos table's grid: images up to 256 px at patch 2
-    max_sequence_length: int = 256  # the zero (T5) columns of the pipeline's default call
+    zero_column_counts: tuple = (8, 256)  # the zero (T5) columns a caption is trained with, one drawn per caption
+    max_sequence_length: int = 8  # the call attnreg's tools make (attnreg.json); 256, the pipeline's default, works too
     flow_shift: float = 1.0  # FlowMatchEulerDiscreteScheduler shift, training and sampling
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    mmdit_steps: int = 6000  # about 1 h 45 min at the 1.0 s per step measured (1 thread, a busy machine)
+    mmdit_steps: int = 5000  # about 1 h 25 min at the 1.0 s per step measured (1 thread, a busy machine)
     threads: int = 1
 
     @classmethod
@@ -133,25 +136,29 @@ def prompt_embeds(te1, te2, ids: torch.Tensor, zero_columns: int) -> tuple[torch
 
 class ZeroColumnsAttnProcessor:
     """Training only: SD3's joint attention (JointAttnProcessor2_0) with the text stream's last column standing
-    for `n` identical zero columns, i.e. log(n) added to its key's logit in every row (see the module docstring)."""
+    for `n` identical zero columns, i.e. log(n) added to its key's logit in every row (see the module docstring);
+    `n` is one count for the whole batch, or one per sample (`counts`)."""
 
     def __init__(self, n: int):
-        self.bias = math.log(n)
+        self.counts = torch.tensor([float(n)])
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         from ..joint import JointRegulatedProcessor, _sd3_streams
 
         image, text = _sd3_streams(attn, hidden_states, encoder_hidden_states)
-        bias = hidden_states.new_zeros(1, 1, 1, image[1].shape[2] + text[1].shape[2])  # keys: image, then text
-        bias[..., -1] = self.bias
+        bias = hidden_states.new_zeros(hidden_states.shape[0], 1, 1, image[1].shape[2] + text[1].shape[2])  # image, text
+        bias[..., -1] = self.counts.to(bias).log().view(-1, 1, 1)
         return JointRegulatedProcessor._sd3_output(attn, hidden_states, image, text, [], None, attn_mask=bias)
 
 
-def use_zero_columns(transformer, n: int) -> int:
-    """Install `ZeroColumnsAttnProcessor(n)` on every joint attention; the number of zero columns to feed (0 or 1)."""
-    if n > 1:
-        transformer.set_attn_processor(ZeroColumnsAttnProcessor(n))
-    return min(n, 1)
+def use_zero_columns(transformer, n: int) -> ZeroColumnsAttnProcessor:
+    """Install one `ZeroColumnsAttnProcessor(n)` on every joint attention and return it (set its `counts` per
+    batch); the text stream is then fed one zero column."""
+    if n < 1:
+        raise ValueError(f"zero columns stand in for at least one, got {n}")
+    processor = ZeroColumnsAttnProcessor(n)
+    transformer.set_attn_processor(processor)
+    return processor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,8 +175,8 @@ def encode_pool_mmdit(cfg: MMDiTConfig, out: Path, stop_at: float | None) -> boo
     return stopped
 
 
-def flow_loss(cfg: MMDiTConfig, transformer, te1, te2, capt, sched, lat, objs, scale: float, zero_columns: int,
-              step: int) -> torch.Tensor:
+def flow_loss(cfg: MMDiTConfig, transformer, te1, te2, capt, sched, lat, objs, scale: float,
+              zero_columns: ZeroColumnsAttnProcessor, step: int) -> torch.Tensor:
     """diffusers' SD3 recipe on step `step`'s batch: logit-normal timesteps, target = noise - x0, plain MSE."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -179,9 +186,11 @@ def flow_loss(cfg: MMDiTConfig, transformer, te1, te2, capt, sched, lat, objs, s
     u = compute_density_for_timestep_sampling("logit_normal", cfg.batch, cfg.logit_mean, cfg.logit_std, generator=g)
     i = (u * sched.config.num_train_timesteps).long().clamp(max=sched.config.num_train_timesteps - 1)
     sigma = sched.sigmas[i].view(-1, 1, 1, 1)
+    counts = torch.tensor(cfg.zero_column_counts, dtype=torch.float32)
+    zero_columns.counts = counts[torch.randint(0, len(counts), (cfg.batch,), generator=g)]
     noisy, target, timestep, ids = to_device(transformer, (1 - sigma) * x0 + sigma * noise, noise - x0,
                                              sched.timesteps[i], ids)
-    embeds, pooled = prompt_embeds(te1, te2, ids, zero_columns)
+    embeds, pooled = prompt_embeds(te1, te2, ids, 1)
     pred = transformer(noisy, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=timestep).sample
     return F.mse_loss(pred, target)
 
@@ -192,7 +201,7 @@ def train_mmdit(cfg: MMDiTConfig, out: Path, losses: LossLog, ckpt_seconds: floa
     log(f"mmdit: pool of {len(lat)} latents, scaling factor {scale:.4f}")
     transformer = build_transformer(cfg, lat.shape[-1])
     te1, te2 = build_text_encoders(cfg)
-    zero_columns = use_zero_columns(transformer, cfg.max_sequence_length)
+    zero_columns = use_zero_columns(transformer, max(cfg.zero_column_counts))
     sched, capt = flow_scheduler(cfg), Captioner(cfg)
     export_fn = None
     if export is not None:
