@@ -123,6 +123,10 @@ class RegulationConfig:
         zero columns and the image keys left out), as the paper's maps on a UNet are shares of the prompt's
         tokens. The edit still adds the bumps to the target logits of the whole joint softmax. False: the maps
         are shares of the whole joint row, where the image keys hold nearly all of it. A UNet ignores it.
+      text_floor (0 = off; MMDiT joint attention with text_units only): after the bumps, one constant offset
+        per edited (image, head) row on every target column, so that the targets together hold about this share
+        of the whole joint row (mean over the image tokens) where they hold less. The bumps set where each
+        target attends (in the words' units); the floor sets how much the image listens to the targets at all.
       compile ("auto", "on", "off"; every preset): run the fast solver through torch.compile. "auto"
         compiles on CUDA only, because on CPU the first call's compile (10-75 s here) outweighs what it
         saves unless one process makes hundreds of images; a failure to compile falls back to eager with
@@ -159,6 +163,7 @@ class RegulationConfig:
     closed_form: bool = False
     compile: str = "auto"
     text_units: bool = True
+    text_floor: float = 0.0
     preset: str = field(default="paper", compare=False)
 
     def __post_init__(self):
@@ -217,6 +222,8 @@ class RegulationConfig:
             problems.append("fast needs loss='relative' (the auto preset); the paper preset keeps the release's solver")
         if self.compile not in COMPILE_CHOICES:
             problems.append(f"compile={self.compile!r} is not one of {', '.join(COMPILE_CHOICES)}")
+        if not 0 <= self.text_floor < 1:
+            problems.append(f"text_floor={self.text_floor!r} must be in [0, 1)")
         if not 0 < self.decay <= 1:
             problems.append(f"decay={self.decay!r} must be in (0, 1]")
         if problems:
@@ -252,7 +259,9 @@ class RegulationConfig:
             if not getattr(self, option):
                 del d[option]  # options added later; off leaves earlier hashes as they were
         if self.text_units:
-            del d["text_units"]  # the default; it acts on joint attention only
+            del d["text_units"]
+        if not self.text_floor:
+            del d["text_floor"]  # the default; it acts on joint attention only
         if self.compile == "auto":
             del d["compile"]  # a runtime choice (the same results to float rounding); kept out of old hashes
         return d

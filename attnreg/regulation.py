@@ -804,6 +804,18 @@ def rest_logsumexp(scores: torch.Tensor, t: torch.Tensor, words: torch.Tensor | 
     return torch.logsumexp(scores.masked_fill(~rest[:, None, :], float("-inf")), dim=-1, keepdim=True)
 
 
+def floor_offset(edited: torch.Tensor, t: torch.Tensor, floor: float, edit_rows=None) -> torch.Tensor:
+    """(B, 1, 1) offsets >= 0 for the target columns `t` of the logits `edited` (B, P, J) that lift the targets'
+    total share of the whole row, averaged over the pixels, to about `floor` where it is below: log(floor /
+    share), exact while the targets hold a small share. One constant per row keeps each map's shape.
+    Rows outside `edit_rows` get 0."""
+    share = edited.softmax(dim=-1)[..., t].sum(dim=-1).mean(dim=-1)  # (B,)
+    lift = torch.clamp(math.log(floor) - torch.log(share), min=0.0)
+    if edit_rows is not None:
+        lift = lift * edit_rows
+    return lift[:, None, None]
+
+
 def edit_group(scores, probs, unedited, t, bases, init, previous, decay, edit_rows, eos, config, heads: int,
                n_nouns: int, pairs, hw=None, words=None) -> RegulatedStep:
     """Alg. 1 on the rows of one group: the solver finds bump weights w from `init`; the weights applied
@@ -819,6 +831,9 @@ def edit_group(scores, probs, unedited, t, bases, init, previous, decay, edit_ro
         applied = applied * edit_rows[:, None, None]
     edited = scores.clone()
     edited[..., t] = edited[..., t] + offsets_from_weights(applied, bases)
+    floor = getattr(config, "text_floor", 0.0)
+    if floor > 0 and words is not None:
+        edited[..., t] = edited[..., t] + floor_offset(edited, t, floor, edit_rows)
     p = edited.softmax(dim=-1)
     if config.restore_special:
         p[..., 0] = probs[..., 0]

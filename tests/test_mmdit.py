@@ -412,6 +412,19 @@ def test_the_loss_measures_targets_as_shares_of_the_prompts_word_columns(case, s
     assert (shares.sum(-1) <= 1 + 1e-5).all() and shares.sum(-1).mean() > 20 * probs[..., list(targets)].sum(-1).mean()
 
 
+def test_the_text_floor_lifts_the_targets_whole_row_share(sd3):
+    config = RegulationConfig.from_preset("auto", edit_steps=1, neglect_ratio=None)
+    reg, floored = AttentionRegulator(sd3, config), AttentionRegulator(sd3, config.replace(text_floor=0.3))
+    columns = reg.resolve(PROMPT, ["circle", "square"])["indices"]
+    masses = []
+    for r in (reg, floored):
+        mass = TargetMass(columns, steps=1)
+        with r.observing(mass):
+            r(PROMPT, targets=["circle", "square"], generator=gen(), output_type="np", **CALL)
+        masses.append(np.mean(mass.values))
+    assert masses[1] > 3 * masses[0]
+
+
 def test_text_units_change_what_the_solver_does(sd3):
     """Renormalising is not a no-op: measured in the whole row instead, the same call gives another image."""
     config = RegulationConfig.from_preset("auto", edit_steps=2, neglect_ratio=None)

@@ -11,6 +11,7 @@ from attnreg.regulation import (
     gaussian_bases,
     offsets_from_weights,
     optimise_offsets,
+    floor_offset,
     regulation_loss,
     renormalised,
     rest_logsumexp,
@@ -73,6 +74,21 @@ def test_target_probs_in_text_units_are_shares_of_the_word_columns():
     only_targets[:, t] = True  # nothing else to compete with: each pixel's shares sum to 1
     torch.testing.assert_close(target_probs(s[..., t], rest_logsumexp(s, t, only_targets), delta).sum(-1),
                                torch.ones(2, 10))
+
+
+def test_the_floor_lifts_a_small_target_share_to_about_the_floor_and_leaves_a_large_one():
+    torch.manual_seed(0)
+    s = torch.randn(3, 16, 60)
+    t = torch.tensor([4, 9])
+    s[0, :, t] -= 6  # the targets hold about 0.1 % of row 0
+    s[2, :, t] += 8  # and most of row 2
+    lift = floor_offset(s, t, 0.05)
+    lifted = s.clone()
+    lifted[..., t] += lift
+    share = lifted.softmax(-1)[..., t].sum(-1).mean(-1)
+    assert lift.shape == (3, 1, 1) and lift[0] > 3 and lift[2] == 0
+    assert 0.04 < share[0] <= 0.05 and share[1] >= 0.04  # about the floor: exact only for a vanishing share
+    torch.testing.assert_close(floor_offset(s, t, 0.05, torch.tensor([False, True, True]))[0], torch.zeros(1, 1))
 
 
 def test_loss_on_a_made_up_map():
