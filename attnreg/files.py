@@ -34,8 +34,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def atomic_write_json(path: Path, data, indent: int = 1, sort_keys: bool = True) -> None:
-    atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
+def atomic_write_json(path: Path, data, indent: int = 1, sort_keys: bool = True, allow_nan: bool = True) -> None:
+    """`data` as JSON; allow_nan=False refuses NaN and infinities (strict JSON, which other readers parse)."""
+    atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")
 
 
 def atomic_save_image(path: Path, image) -> None:

@@ -76,6 +76,10 @@ def select_layers(unet, layers: tuple[str, ...] | None) -> frozenset[str]:
     return frozenset(chosen)
 
 
+NO_LAYERS = ("attnreg: no layer to edit (the model's calibration chose none; run attnreg calibrate again or name "
+             "layers): the images are the plain pipeline's")
+
+
 def pipeline_default(pipe, name: str):
     """The default of one of the pipeline's call arguments (num_inference_steps, guidance_scale, ...)."""
     return inspect.signature(type(pipe).__call__).parameters[name].default
@@ -197,6 +201,8 @@ class AttentionRegulator:
         checked, the edited steps fixed. None when no prompt has a target."""
         if self._removed:
             raise RuntimeError("this AttentionRegulator was removed; make a new one")
+        if not self.layers:
+            warnings.warn(NO_LAYERS, stacklevel=2)
         if prompt is None or kwargs.get("prompt_embeds") is not None:
             raise ValueError("attnreg needs the prompt text (to find the target tokens), not prompt_embeds")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -59,7 +59,7 @@ def test_generate_defaults_to_the_auto_preset(tiny_model, tmp_path, capsys):
     exact = tmp_path / "exact"
     assert main(["generate", "a cat and a dog", "--model", tiny_model, "--steps", "2", "--exact", "--out", str(exact)]) == 0
     written = json.loads(next(exact.glob("*.json")).read_text())["config"]
-    assert "fast" not in written and "closed_form" not in written  # issue 9's solver: the exact steps, autograd
+    assert written["fast"] is False and written["closed_form"] is False  # the exact steps, autograd
 
 
 def test_generate_set_overrides_any_config_field(tiny_model, tmp_path, capsys):
@@ -150,3 +150,55 @@ def test_generate_prints_only_its_own_lines(tiny_model, tmp_path):
     assert all(line.startswith("attnreg: ") for line in notes), done.stdout  # the automatic targets
     assert [Path(image).name, Path(record).name] == [
         f"{slug('a cat and a dog')}_seed42_attnreg.png", f"{slug('a cat and a dog')}_seed42.json"]
+
+
+def _record(out):
+    return json.loads(next(Path(out).glob("*.json")).read_text())
+
+
+def test_generate_record_says_how_to_make_the_image_again(tiny_model, tmp_path, capsys):
+    import dataclasses
+
+    import torch
+
+    from attnreg.config import RegulationConfig
+
+    run = ["generate", "a cat and a dog", "--model", tiny_model, "--steps", "1", "--seed", "5"]
+    assert main(run + ["--out", str(tmp_path / "a")]) == 0
+    record = _record(tmp_path / "a")
+    assert set(record["config"]) == {f.name for f in dataclasses.fields(RegulationConfig)}  # every field
+    assert record["versions"]["attnreg"] and record["versions"]["diffusers"] and record["versions"]["transformers"]
+    assert record["versions"]["torch"] == __import__("importlib.metadata").metadata.version("torch")
+    assert record["model_source"] == str(Path(tiny_model).resolve()) and record["warnings"] == []
+    assert (record["device"], record["dtype"], record["threads"]) == ("cpu", "float32", torch.get_num_threads())
+    strict = next((tmp_path / "a").glob("*.json")).read_text()
+    json.loads(strict, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
+
+    assert main(run + ["--dtype", "bfloat16", "--out", str(tmp_path / "b")]) == 0
+    other = _record(tmp_path / "b")
+    assert other["dtype"] == "bfloat16"
+    assert {k for k in record if record[k] != other[k]} == {"dtype"}
+
+    before = torch.get_num_threads()
+    try:
+        assert main(run + ["--threads", str(before + 1), "--out", str(tmp_path / "c")]) == 0
+    finally:
+        torch.set_num_threads(before)
+    other = _record(tmp_path / "c")
+    assert other["threads"] == before + 1
+    assert {k for k in record if record[k] != other[k]} == {"threads"}
+
+
+def test_a_regulator_with_no_layer_says_so(tiny_model, tmp_path, capsys):
+    import shutil
+
+    from attnreg.calibrate import CALIBRATION_VERSION
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "attnreg.json").write_text(json.dumps({"calibration": {"version": CALIBRATION_VERSION, "layers": []}}))
+    with pytest.warns(UserWarning, match="no layer to edit"):
+        assert main(["generate", "a cat and a dog", "--model", str(model), "--steps", "1",
+                     "--out", str(tmp_path / "out")]) == 0
+    record = _record(tmp_path / "out")
+    assert record["edited_layers"] == [] and record["warnings"] and "no layer to edit" in record["warnings"][0]

@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from attnreg.cli import main
+from attnreg.config import RegulationConfig
 from attnreg.eval import ConfigMismatchError, MethodError, run_benchmark
 from attnreg.eval.io import iter_records
 from attnreg.eval.methods import cross_attention_resolution
@@ -61,6 +63,10 @@ def test_bench_writes_records_images_and_report(bench, model):
     assert r["run"] == {"dataset": "ae", "model": str(model), "steps": STEPS, "guidance": 7.5, "height": 64,
                         "width": 64, "dtype": "float32"}
     assert r["seconds"] > 0 and r["peak_memory_bytes"] > 0 and r["subset"] == "animal-animal"
+    assert set(r["versions"]) == {"attnreg", "diffusers", "transformers", "torch"} and all(r["versions"].values())
+    assert r["dtype"] == "float32" and r["model_source"] == str(model.resolve()) and "regulation_config" not in r
+    regulated = next(r for r in recs.values() if r["method"] == "attnreg")
+    assert regulated["regulation_config"] == json.loads(json.dumps(asdict(RegulationConfig.from_preset("auto"))))
     for r in recs.values():
         with Image.open(bench / r["image"]) as im:
             assert im.size == (64, 64)

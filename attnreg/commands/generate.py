@@ -60,13 +60,26 @@ def cmd_generate(args) -> int:
     plain = pipe(args.prompt, generator=generator(), **call).images if args.compare else [None] * len(images)
     stem = f"{prompt_stem(args.prompt)}_seed{args.seed}"
     written = write_images(out, stem, images, plain, args.prompt, info)
-    (out / f"{stem}.json").write_text(json.dumps({
-        "prompt": args.prompt, "targets": info, "seed": args.seed, "model": str(args.model or "embedded"),
-        "call": call, "config": config.to_dict(), "edited_layers": sorted(reg.layers),
-    }, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps(run_record(args, pipe, reg, info, call), indent=2, allow_nan=False))
     for path in written + [out / f"{stem}.json"]:
         print(path)
     return 0
+
+
+def run_record(args, pipe, reg, info: dict, call: dict) -> dict:
+    """What the JSON beside the images says: enough to make them again (every config field, the model's
+    source, the versions, device, dtype and thread count), and a warning when nothing was edited."""
+    import dataclasses
+
+    from ..provenance import model_source, numerics, versions
+    from ..regulator import NO_LAYERS
+
+    return {
+        "prompt": args.prompt, "targets": info, "seed": args.seed, "model": str(args.model or "embedded"),
+        "model_source": model_source(pipe), "call": call, "config": dataclasses.asdict(reg.config),
+        "edited_layers": sorted(reg.layers), "warnings": [] if reg.layers else [NO_LAYERS],
+        **numerics(pipe), "versions": versions(),
+    }
 
 
 def write_images(out, stem: str, images, plain, prompt: str, info: dict) -> list:

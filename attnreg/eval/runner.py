@@ -7,6 +7,7 @@ Resumable (finished items are skipped), sharded across processes under `accelera
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ..names import option_value
 from ..options import config_option, parse_seeds  # noqa: F401 - parse_seeds: the runner's public name too
+from ..provenance import model_source, versions
 from .datasets import Prompt, load_dataset
 from .io import (
     atomic_save_image, atomic_write_json, claim, damaged, image_path, is_done, item_key, iter_records, noise_seed,
@@ -343,7 +345,7 @@ def run_item(plan: Plan, it: Item, out: Path) -> str:
         torch.cuda.synchronize(device)
     record = make_record(plan, it, time.perf_counter() - t0)
     atomic_save_image(image_path(out, it.key), image)
-    atomic_write_json(record_path(out, it.key), record)  # last: a PNG without a record never counts
+    atomic_write_json(record_path(out, it.key), record, allow_nan=False)  # last: a PNG without a record never counts
     release(out, it.key)
     return "generated"
 
@@ -367,8 +369,17 @@ def make_record(plan: Plan, it: Item, seconds: float) -> dict:
         "run": plan.run, "seconds": seconds, "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
         "device": str(plan.device), "process": plan.state.process_index, "processes": plan.state.num_processes,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "versions": versions(), "dtype": plan.run["dtype"], "model_source": model_source(plan.pipe),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **full_config(plan.made[it.method]),
     }
+
+
+def full_config(method) -> dict:
+    """{"regulation_config": every RegulationConfig field} for Attention Regulation's methods (their "config",
+    which names the records' files, leaves out fields at their old defaults); {} for other methods."""
+    config = getattr(method, "reg_config", None)
+    return {} if config is None else {"regulation_config": json.loads(json.dumps(dataclasses.asdict(config)))}
 
 
 def finish(plan: Plan, opts: BenchmarkOptions, generated: int, taken_elsewhere: int, started: float) -> dict:
