@@ -58,8 +58,10 @@ def test_cli_ablate_resumes(saved_model, tmp_path):
 
 
 def test_cli_ablate_bad_values(capsys):
-    assert main(["ablate", "--param", "iterations", "--values", "0"]) == 2
+    assert main(["ablate", "--param", "iterations", "--values", "0", "--out", "never-written"]) == 2
     assert "out of range" in capsys.readouterr().err
+    assert main(["ablate", "--param", "iterations", "--values", "1"]) == 2  # a sweep names its folder
+    assert "--out" in capsys.readouterr().err
 
 
 def test_figure_tolerates_rounded_interval_bounds():

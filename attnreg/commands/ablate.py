@@ -55,7 +55,7 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", default="auto", help="metrics to score (default: the fidelity's metric)")
     p.add_argument("--fidelity", default=None, help="METRIC.FIELD plotted (default: detect.success on shapes, clip.full otherwise)")
     p.add_argument("--clip-model", default=None, help="CLIP id or folder for the clip metric")
-    p.add_argument("--out", default="ablate")
+    p.add_argument("--out", required=True, help="output folder (a sweep writes hundreds of images)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_ablate)

@@ -7,7 +7,7 @@ are looked up in is named; only the pipeline's tokenizers are loaded, not its mo
 from __future__ import annotations
 
 from ..tokens import command_line_targets
-from .common import model_name
+from .common import model_name, positive_int
 
 
 def register(sub) -> None:
@@ -19,7 +19,7 @@ def register(sub) -> None:
                    help="use this pipeline's tokenizer(s): a folder, hub id, toy-unet or toy-mmdit (default: the CLIP tokenizer)")
     t.add_argument("--text-stream", default=None, choices=["t5", "clip"],
                    help="SD3: the stream targets are looked up in (default: T5 where the pipeline has it)")
-    t.add_argument("--max-sequence-length", type=int, default=None,
+    t.add_argument("--max-sequence-length", type=positive_int, default=None,
                    help="SD3/FLUX: the T5 length of the call (default: the pipeline's, 256 for SD3, 512 for FLUX)")
     t.set_defaults(func=cmd_tokens)
 
