@@ -13,6 +13,7 @@ import numpy as np
 
 RUN_LABELS = {"vanilla": "Original", "regulated": "Attention Regulation"}  # explain's runs
 MAP_SCALES = ("panel", "figure")  # colour range of each map in maps.png: its own, or one for the figure
+MAP_VIEWS = ("whole", "text")  # what a map is a share of: the whole attention row, or the prompt's words
 
 
 def side_by_side(left, right, caption: str, labels=("original", "attnreg")):
@@ -47,9 +48,13 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 # -- explain (the paper's Figs. 2, 3) -----------------------------------------------------------
-def maps_figure(ex, scale: str = "panel"):
+def maps_figure(ex, scale: str = "panel", view: str = "whole"):
     """Figure 3's layout for an `Explanation`: per run, a row of intermediate images, then a row per
     target token.
+
+    view: "whole" draws each target's attention as recorded (on an MMDiT: its share of the whole joint
+    softmax, image keys included); "text" draws it as a share of the prompt's word tokens (per pixel, the
+    target's map over the sum of every word's map: the units the MMDiT loss measures in).
 
     scale: "panel" stretches each map's colours over its own range (as the paper's figure seems to);
     "figure" uses one range for every map, so a collapsed token also looks weak. Either way each map
@@ -60,10 +65,18 @@ def maps_figure(ex, scale: str = "panel"):
 
     if scale not in MAP_SCALES:
         raise ValueError(f"map scale must be one of {', '.join(MAP_SCALES)}, got {scale!r}")
+    if view not in MAP_VIEWS:
+        raise ValueError(f"map view must be one of {', '.join(MAP_VIEWS)}, got {view!r}")
     targets = [(i, t) for i, t in zip(ex.targets["indices"], ex.targets["tokens"])]
+
+    def target_map(recorder, step, index):
+        maps = recorder.maps[step][0]
+        m = maps[recorder.token_index(index)]
+        return m / maps.sum(dim=0).clamp_min(1e-12) if view == "text" else m
+
     vmax = None
     if scale == "figure":
-        vmax = max(float(rec.maps[s][0, rec.token_index(i)].max()) for rec in ex.recorders.values()
+        vmax = max(float(target_map(rec, s, i).max()) for rec in ex.recorders.values()
                    for s in ex.steps_shown if s in rec.maps for i, _ in targets)
     n_cols, per_run = len(ex.steps_shown), 1 + len(targets)
     fig = Figure(figsize=(1.5 * n_cols + 1.6, 1.55 * 2 * per_run + 1.0), layout="constrained")
@@ -83,7 +96,7 @@ def maps_figure(ex, scale: str = "panel"):
             for r, (index, text) in enumerate(targets, start=1):
                 ax = fig.add_subplot(sub[r, c])
                 if step in recorder.maps:
-                    m = recorder.maps[step][0, recorder.token_index(index)].numpy()
+                    m = target_map(recorder, step, index).numpy()
                     ax.imshow(m, cmap="viridis", vmin=0 if vmax else None, vmax=vmax)
                     ax.text(0.03, 0.97, f"{m.max():.2f}", transform=ax.transAxes, ha="left", va="top",
                             fontsize=7, color="white")
@@ -91,7 +104,9 @@ def maps_figure(ex, scale: str = "panel"):
                 if c == n_cols - 1:
                     ax.yaxis.set_label_position("right")
                     ax.set_ylabel(f"\u201c{text}\u201d", fontsize=11, rotation=270, labelpad=14)
-    fig.suptitle(f"Prompt: {ex.prompt}", fontsize=11)
+    units = "share of the prompt's words" if view == "text" else "share of the whole attention row"
+    fig.suptitle(f"Prompt: {ex.prompt}\n({units})" if view == "text" or getattr(ex, "joint", False)
+                 else f"Prompt: {ex.prompt}", fontsize=11)
     return fig
 
 

@@ -483,12 +483,19 @@ def test_explain_on_mmdit_writes_its_figures_and_numbers(family, sd3, flux, tmp_
     import json
 
     from attnreg.explain import FILES, explain
+    from attnreg.explain.run import TEXT_VIEW_FILE
 
     pipe, prompt = (sd3, PROMPT) if family == "sd3" else (flux, FLUX_PROMPT)
     ex = explain(pipe, prompt, targets=["circle", "square"], seed=1, config=RegulationConfig.from_preset("paper", iterations=4),
                  out=tmp_path, **CALL)
-    assert [p.name for p in ex.files] == list(FILES) and all((tmp_path / f).stat().st_size > 0 for f in FILES)
+    files = [*FILES, TEXT_VIEW_FILE]  # both views of the maps: of the whole joint row, and of the prompt's words
+    assert [p.name for p in ex.files] == files and all((tmp_path / f).stat().st_size > 0 for f in files)
     numbers = json.loads((tmp_path / "explain.json").read_text())
+    for run, shares in numbers["target_shares"].items():
+        for share in shares.values():  # the words hold a small part of the whole row: the two views differ
+            assert all(t > 5 * w for t, w in zip(share["text"], share["whole"]))
+    sums = [sum(v["text"][0] for v in numbers["target_shares"][run].values()) for run in ("vanilla", "regulated")]
+    assert all(0 < x < 1 for x in sums)
     columns = [79, 83] if family == "sd3" else [0, 5]  # T5 columns of the joint text sequence
     assert numbers["targets"]["indices"] == columns and "joint attention" in numbers["maps"]
     words = ["a", "red", "circle", "and", "a", "blue", "square"] if family == "sd3" else ["circle", "next", "to", "a", "blue", "square"]

@@ -19,6 +19,7 @@ from .numbers import RUNS, diagnose, explain_numbers
 
 PAPER_STEPS_SHOWN = (0, 5, 15, 25, 35, 49)  # Figure 3, 50 steps
 FILES = ("maps.png", "stats.png", "compare.png", "explain.json")
+TEXT_VIEW_FILE = "maps_text.png"  # on an MMDiT, the maps as shares of the prompt's words, beside maps.png
 _OWN_KWARGS = ("generator", "callback_on_step_end", "callback_on_step_end_tensor_inputs", "output_type", "prompt_embeds")
 
 
@@ -43,6 +44,8 @@ class Explanation:
     diagnosis: list[str]
     maps_figure: object = None  # matplotlib Figure
     stats_figure: object = None  # matplotlib Figure
+    maps_text_figure: object = None  # matplotlib Figure, MMDiT only: the maps in the prompt's words' units
+    joint: bool = False  # the maps are joint attention (an MMDiT): a share of the whole row is not the text's
     compare: object = None  # PIL image
     files: list[Path] = field(default_factory=list)
 
@@ -55,6 +58,9 @@ class Explanation:
         self.compare.save(out / "compare.png")
         (out / "explain.json").write_text(json.dumps(self.numbers, indent=1))
         self.files = [out / name for name in FILES]
+        if self.maps_text_figure is not None:
+            self.maps_text_figure.savefig(out / TEXT_VIEW_FILE, dpi=110)
+            self.files.append(out / TEXT_VIEW_FILE)
         return self.files
 
 
@@ -76,6 +82,7 @@ class _Plan:
     preview: str
     call: dict  # the pipeline's keywords
     maps_are: str  # what the recorded maps are, in words (the regulator says)
+    joint: bool = False  # an MMDiT's joint attention
 
 
 def default_steps_shown(steps: int) -> list[int]:
@@ -169,7 +176,7 @@ def _plan(reg, prompt, targets, seed, steps_shown, violin_steps, record_layers, 
     return _Plan(prompt=prompt, seed=seed, steps=steps, edit_steps=edit_steps, steps_shown=steps_shown,
                  violin_steps=violin_steps, info=info, words=words, per_word=per_word, layers=layers,
                  resolution=resolution, preview=preview, call=dict(call, num_inference_steps=steps),
-                 maps_are=reg.maps_are)
+                 maps_are=reg.maps_are, joint=hasattr(reg, "family"))
 
 
 def _chosen_steps(steps: int, edit_steps: int, steps_shown, violin_steps) -> tuple[list[int], list[int]]:
@@ -235,15 +242,36 @@ def _explanation(plan: _Plan, config, recorders, images, previews, seconds, map_
     ex = Explanation(
         prompt=plan.prompt, targets=plan.info, seed=plan.seed, steps=plan.steps, edit_steps=plan.edit_steps,
         steps_shown=plan.steps_shown, violin_steps=plan.violin_steps, layers=plan.layers, tokens=plan.words,
-        images=images, previews=previews, recorders=recorders, numbers=numbers, diagnosis=diagnosis,
+        images=images, previews=previews, recorders=recorders, numbers=numbers, diagnosis=diagnosis, joint=plan.joint,
     )
     ex.maps_figure = maps_figure(ex, map_scale)
+    if plan.joint:
+        numbers["target_shares"] = target_shares(plan, recorders)
+        ex.maps_text_figure = maps_figure(ex, map_scale, view="text")
     ex.stats_figure = stats_figure(ex)
     info = plan.info
     caption = f"{plan.prompt} | seed {plan.seed} | targets: " + ", ".join(
         f"{t} ({i})" for t, i in zip(info["tokens"], info["indices"]))
     ex.compare = side_by_side(images["vanilla"], images["regulated"], caption)
     return ex
+
+
+def target_shares(plan: _Plan, recorders: dict) -> dict:
+    """Per run and target token, at each shown step, its mean share of the whole joint row ("whole") and of
+    the prompt's words ("text": per pixel, its map over the sum of every word's map)."""
+    out = {}
+    for run, recorder in recorders.items():
+        out[run] = {}
+        for index, token in zip(plan.info["indices"], plan.info["tokens"]):
+            whole, text = [], []
+            for step in [s for s in plan.steps_shown if s in recorder.maps]:
+                maps = recorder.maps[step][0]
+                m = maps[recorder.token_index(index)]
+                whole.append(round(float(m.mean()), 5))
+                text.append(round(float((m / maps.sum(dim=0).clamp_min(1e-12)).mean()), 4))
+            out[run][f"{index}:{token}"] = {"steps": [s for s in plan.steps_shown if s in recorder.maps], "whole": whole,
+                                            "text": text}
+    return out
 
 
 def _generator(seed: int) -> torch.Generator:
