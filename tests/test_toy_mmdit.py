@@ -165,12 +165,17 @@ def test_bench_runs_on_the_mmdit_export(run, tmp_path):
 
     _, export, _ = run
     summary = run_benchmark("shapes", "sd,attnreg,taca", seeds="0", model=str(export), out=tmp_path / "bench", steps=2,
-                            limit=1, subsets=["2obj"], metrics="detect", progress=False)
+                            limit=1, subsets=["2obj"], metrics="detect", progress=False, max_sequence_length=8)
     assert summary["generated"] == 3
     images = sorted((tmp_path / "bench" / "images").rglob("*.png"))
     assert len(images) == 3 and all(Image.open(p).size == (64, 64) for p in images)
     sd, taca = (np.asarray(Image.open(next((tmp_path / "bench" / "images").rglob(f"{m}*/**/*.png")))) for m in ("sd", "taca"))
     assert np.abs(sd.astype(int) - taca).max() > 0  # TACA's first steps change the picture
+    records = [json.loads(p.read_text()) for p in (tmp_path / "bench" / "records").rglob("*.json")]
+    assert len(records) == 3 and all(r["run"]["max_sequence_length"] == 8 for r in records)
+    with pytest.raises(ValueError, match="max_sequence_length"):  # a folder's records share their call
+        run_benchmark("shapes", "sd", seeds="0", model=str(export), out=tmp_path / "bench", steps=2, limit=1,
+                      subsets=["2obj"], metrics="none", progress=False)
     assert (tmp_path / "bench" / "report.md").exists()
 
 

@@ -26,7 +26,8 @@ def bench_options(args) -> dict:
     """The runner's options (`BenchmarkOptions` fields) from the parsed arguments of `bench` or `ablate`."""
     options = dict(
         dataset=args.dataset, seeds=args.seeds, model=args.model, out=args.out, steps=args.steps,
-        guidance=args.guidance, size=args.size, limit=args.limit, subsets=split_list(args.subsets),
+        guidance=args.guidance, size=args.size, max_sequence_length=getattr(args, "max_sequence_length", None),
+        limit=args.limit, subsets=split_list(args.subsets),
         device=args.device, dtype=args.dtype, progress=not args.no_progress,
     )
     options.update({k: getattr(args, k) for k in ("force", "warmup") if hasattr(args, k)})
@@ -75,6 +76,9 @@ def register(sub) -> None:
     b.add_argument("--seeds", default="0-63", help="e.g. 0-63, 0,1,2 or 0-15,20 (default 0-63)")
     b.add_argument("--model", type=model_name, default=None, help=MODEL_HELP)
     b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--max-sequence-length", type=positive_int, default=None,
+                   help="SD3 / FLUX only: the call's max_sequence_length, the T5 length (SD3 without T5: its zero "
+                   "columns; the embedded MMDiT is trained for 8 and 256) (default: the pipeline's)")
     b.add_argument("--metrics", default="auto",
                    help=f"comma-separated, from: {', '.join(METRICS)}; none; auto (default: detect for shapes, clip otherwise)")
     add_sampling_args(b)

@@ -27,7 +27,7 @@ from .io import (
 from .methods import METHODS, AttnReg, check_methods, make_method
 
 # The fields of a run that must agree for records to share a folder.
-RUN_KEYS = ("dataset", "model", "steps", "guidance", "height", "width", "dtype")
+RUN_KEYS = ("dataset", "model", "steps", "guidance", "height", "width", "dtype", "max_sequence_length")
 
 
 class ConfigMismatchError(ValueError):
@@ -151,6 +151,7 @@ class BenchmarkOptions:
     steps: int = 50
     guidance: float = 7.5
     size: int | None = None  # None: the model's own image size
+    max_sequence_length: int | None = None  # SD3 / FLUX: the T5 length (SD3 without T5: its zero columns); None: the pipeline's
     limit: int | None = None
     subsets: list[str] | None = None
     device: str = "cpu"
@@ -190,8 +191,11 @@ class BenchmarkOptions:
 
     def run_config(self, height: int) -> dict:
         """The fields that must agree for records to share a folder (RUN_KEYS)."""
-        return {"dataset": self.dataset, "model": self.model_id, "steps": self.steps, "guidance": self.guidance,
-                "height": height, "width": height, "dtype": self.dtype}
+        run = {"dataset": self.dataset, "model": self.model_id, "steps": self.steps, "guidance": self.guidance,
+               "height": height, "width": height, "dtype": self.dtype}
+        if self.max_sequence_length is not None:  # only when given: folders made without it keep their records
+            run["max_sequence_length"] = self.max_sequence_length
+        return run
 
 
 @dataclass
@@ -213,7 +217,10 @@ class Plan:
     @property
     def call(self) -> dict:
         h = self.run["height"]
-        return dict(num_inference_steps=self.run["steps"], guidance_scale=self.run["guidance"], height=h, width=h)
+        call = dict(num_inference_steps=self.run["steps"], guidance_scale=self.run["guidance"], height=h, width=h)
+        if self.run.get("max_sequence_length") is not None:
+            call["max_sequence_length"] = self.run["max_sequence_length"]
+        return call
 
 
 def run_benchmark(dataset: str, methods: list[str] | str, **options) -> dict:
