@@ -197,3 +197,28 @@ def test_a_device_without_cuda_is_refused_before_any_work(tmp_path, capsys):
         train(["--arch", "mmdit", "--config", "tiny", "--out", str(tmp_path / "run"), "--device", "cuda"])
     assert stop.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "run" / "latents").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["-m", "attnreg.toy.train"], ["-m", "attnreg.cli", "toy", "train"]])
+def test_sigterm_checkpoints_and_exits(command, tmp_path):
+    """Both ways of starting the training stop on SIGTERM at the end of a step, with a checkpoint to resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, *command, "--arch", "mmdit", "--config", "tiny", "--set", "mmdit_steps=100000",
+                             "--out", str(out), "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait until the denoiser phase is stepping
+        lines.append(line)
+        if "mmdit step 5/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    start = time.time()
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and time.time() - start < 60
+    assert "stop requested, checkpoint written" in rest, "".join(lines) + rest
+    assert torch.load(out / "mmdit.pt", weights_only=False)["step"] >= 5

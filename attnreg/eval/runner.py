@@ -90,6 +90,7 @@ def existing_run_configs(out: Path) -> list[dict]:
 
 
 def check_folder(out: Path, run: dict, force: bool) -> None:
+    run = {k: run.get(k) for k in RUN_KEYS}  # a key a run leaves out (max_sequence_length) reads as None, as in records
     others = [c for c in existing_run_configs(out) if c != run]
     if others and not force:
         diff = {k: (others[0].get(k), run.get(k)) for k in RUN_KEYS if others[0].get(k) != run.get(k)}

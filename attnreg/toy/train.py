@@ -24,12 +24,15 @@ EMA, optimiser, step) is written and the EMA pipeline is exported with ``save_pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -630,11 +633,28 @@ def main(argv=None) -> int:
     saved.write_text(json.dumps(asdict(cfg), indent=2))
     torch.set_num_threads(a.threads or cfg.threads)
     _STOP["flag"] = False  # a stop belongs to one run (cleared before the handlers can set it)
-    if argv is None:  # run as a program: a SIGTERM / Ctrl-C checkpoints before exiting
-        import signal
+    with stop_on_signals():  # a SIGTERM / Ctrl-C checkpoints before exiting
+        return _train(a, cfg, out, arch if mmdit else None)
 
-        signal.signal(signal.SIGTERM, _request_stop)
-        signal.signal(signal.SIGINT, _request_stop)
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT ask the running phase to stop at the end of its step (checkpoint, then exit) while
+    the block runs; the previous handlers come back after it. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(a, cfg: Config, out: Path, arch) -> int:
+    """The phases `a` asks for, on `cfg` in `out`; `arch`: the mmdit module, or None for the UNet."""
+    mmdit = arch is not None
     torch.manual_seed(cfg.seed)
     losses = LossLog(out / "loss.csv")
     stop_at = time.time() + 60 * a.max_minutes if a.max_minutes else None
@@ -669,4 +689,7 @@ def _tuplify(d: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # the package's copy of this module, not __main__'s: the phases (mmdit.py imports `fit` from it) read its stop flag
+    from attnreg.toy.train import main as package_main
+
+    sys.exit(package_main())
