@@ -17,7 +17,9 @@ def cmd_explain(args) -> int:
     steps_shown = int_list(args.steps_shown, "--steps-shown")
     violin_steps = int_list(args.violin_steps, "--violin-steps")
     for name, steps in (("--steps-shown", steps_shown), ("--violin-steps", violin_steps)):
-        if steps is not None and not (steps and all(0 <= s < args.steps for s in steps)):
+        if steps == []:
+            raise ValueError(f"{name} is empty; name steps in 0..{args.steps - 1}, or leave it out for the default")
+        if steps is not None and not all(0 <= s < args.steps for s in steps):
             raise ValueError(f"{name} must be steps in 0..{args.steps - 1} (--steps {args.steps}), got {steps}")
     if violin_steps is not None and len(violin_steps) != 2:
         raise ValueError(f"--violin-steps takes two steps (before and after, e.g. 0,{args.steps - 1}), "
