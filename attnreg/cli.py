@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .commands import ablate, app, bench, calibrate, explain, generate, tokens, toy
 from .commands.common import Parser
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # usage errors (2), --help and --version (0): a code, also when called in-process
         return done.code if isinstance(done.code, int) else 2
+    default_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except (ValueError, OSError, UnsupportedPipelineError) as err:
@@ -40,6 +43,20 @@ def main(argv=None) -> int:
         kept = getattr(args, "on_interrupt", "nothing was written")
         print(f"attnreg: interrupted; {kept}", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = default_format
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """attnreg's own warnings ("attnreg: ...") as one line on the terminal, without the source line that
+    raised them; those of other libraries as Python writes them."""
+    text = str(message)
+    if text.startswith("attnreg"):
+        return text.replace(": ", ": warning: ", 1) + "\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT = warnings.formatwarning
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Metrics on tiny random CLIP, BLIP and OWLv2 models saved to folders and loaded back like real ones."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -90,8 +91,33 @@ def test_bad_metric_names(tmp_path):
         score_dir(out, "clip,time", progress=False)  # a column of the records, not a metric
     with pytest.raises(MetricError, match="applies to none"):
         score_dir(out, "detect", progress=False)  # shapes only
+    (tmp_path / "empty").mkdir()
     with pytest.raises(MetricError, match="no finished"):
         score_dir(tmp_path / "empty", "clip", progress=False)
+
+
+def test_a_folder_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(ValueError, match="no such folder: .*nowhere"):
+        score_dir(tmp_path / "nowhere", "detect", progress=False)
+    with pytest.raises(ValueError, match="no such folder: .*nowhere"):
+        write_report(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_records_without_image_are_named(tmp_path):
+    from attnreg.toy.world import caption, random_scene
+
+    out = fake_bench(tmp_path / "bench", methods=("sd",), seeds=(0, 1, 2), prompts=(caption(random_scene(0, 2)),),
+                     dataset="shapes")
+    lost = sorted((out / "images").rglob("*.png"))[1]
+    lost.unlink()
+    key = str(lost.relative_to(out / "images").with_suffix(""))
+    with pytest.warns(UserWarning, match=f"1 record.* have no image.*{re.escape(key)}"):
+        summary = score_dir(out, "detect", progress=False)
+    assert summary["detect"]["scored"] == 2 and summary["detect"]["no_image"] == [key]
+    with pytest.warns(UserWarning, match=f"n counts 2 of 3 records.*{re.escape(key)}"):
+        report = write_report(out).read_text()
+    assert f"left out for want of an image: 1 record(s): {key}" in report
 
 
 def test_detect_on_shapes_records(tmp_path):

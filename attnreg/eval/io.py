@@ -116,8 +116,8 @@ def release(out: Path, key: str) -> None:
     (Path(out) / "claims" / f"{key}.claim").unlink(missing_ok=True)
 
 
-def iter_records(out: Path):
-    """Every complete record of the folder (record and image present), sorted by key."""
+def _read_records(out: Path):
+    """(record, done) for every record of the folder that parses, sorted by file name."""
     root = Path(out) / "records"
     if not root.is_dir():
         return
@@ -128,5 +128,33 @@ def iter_records(out: Path):
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue  # never produced by our atomic writes; ignore rather than fail
-        if is_done(out, record.get("key", "")):  # a damaged image is left out, as a missing one is
+        yield record, is_done(out, record.get("key", ""))
+
+
+def iter_records(out: Path):
+    """Every complete record of the folder (record and image present), sorted by key."""
+    for record, done in _read_records(out):
+        if done:  # a damaged image is left out, as a missing one is
             yield record
+
+
+def records_without_image(out: Path) -> list[str]:
+    """The keys of the records whose image is missing or does not open: `iter_records` leaves them out."""
+    return [record.get("key", "?") for record, done in _read_records(out) if not done]
+
+
+def check_folder(out: Path) -> Path:
+    """`out` as a benchmark folder that exists, or a ValueError saying it does not."""
+    out = Path(out)
+    if not out.exists():
+        raise ValueError(f"no such folder: {out}")
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file, not a benchmark folder")
+    return out
+
+
+def missing_images_note(out: Path, keys: list[str], shown: int = 5) -> str:
+    """One line naming the records left out for want of an image (the first `shown` of them)."""
+    names = ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+    return (f"{len(keys)} record(s) of {out} have no image (or one that does not open) and are left out: {names}; "
+            "the same `attnreg bench` command makes them again")

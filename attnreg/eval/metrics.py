@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from PIL import Image
 
-from .io import atomic_write_json, iter_records, stable_hash
+from .io import atomic_write_json, check_folder, iter_records, missing_images_note, records_without_image, stable_hash
 
 
 class MetricError(ValueError):
@@ -312,10 +313,13 @@ def score_dir(out, metrics, device: str = "cpu", progress: bool = True, flush_ev
     Returns {metric: {"scored": n, "skipped": n, "not_applicable": n, "file": path}}."""
     from tqdm.auto import tqdm
 
-    out = Path(out)
+    out = check_folder(out)
     names = parse_metrics(metrics)
     check_metrics(names)
     records = list(iter_records(out))
+    no_image = records_without_image(out)
+    if no_image:
+        warnings.warn(f"attnreg score: {missing_images_note(out, no_image)}", stacklevel=2)
     if not records:
         raise MetricError(f"{out} holds no finished benchmark records (run `attnreg bench` first)")
     summary = {}
@@ -346,7 +350,7 @@ def score_dir(out, metrics, device: str = "cpu", progress: bool = True, flush_ev
         bar.close()
         atomic_write_json(path, data)
         summary[name] = {"scored": len(todo), "skipped": len(records) - len(todo) - n_na, "not_applicable": n_na,
-                         "file": str(path)}
+                         "no_image": no_image, "file": str(path)}
         print(f"attnreg score: {name}: {len(todo)} scored, {summary[name]['skipped']} already scored, "
-              f"{n_na} not applicable -> {path}", file=sys.stderr)
+              f"{n_na} not applicable{f', {len(no_image)} without image' if no_image else ''} -> {path}", file=sys.stderr)
     return summary

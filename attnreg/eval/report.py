@@ -7,11 +7,12 @@ writes the files."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 from ..files import atomic_save_image, atomic_write_text
-from .io import iter_records
+from .io import check_folder, iter_records, missing_images_note, records_without_image
 from .metrics import load_scores
 from .stats import extra_objects, method_labels, method_order, paired_comparison, summarise
 
@@ -60,12 +61,18 @@ def write_report(out: str | Path) -> Path:
     """Write DIR/report.md, DIR/report_metrics.png and DIR/report_grid_<subset>.png; returns report.md."""
     from ..figures import bar_chart
 
-    out = Path(out)
+    out = check_folder(out)
     records, table, columns = collect(out)
+    no_image = records_without_image(out)
+    if no_image:  # n counts images; say which records it leaves out
+        warnings.warn(f"attnreg report: n counts {len(records)} of {len(records) + len(no_image)} records; "
+                      f"{missing_images_note(out, no_image)}", stacklevel=2)
     if not records:
         raise ValueError(f"{out} holds no finished benchmark records (run `attnreg bench` first)")
     scores = load_scores(out)
     lines = _header(out, records, scores)
+    if no_image:
+        lines[-3:-3] = [f"- left out for want of an image: {len(no_image)} record(s): {', '.join(no_image)}"]
     lines += _tables(table, columns)
     lines += _paired(out, records, scores, columns)
     chart = out / "report_metrics.png"
