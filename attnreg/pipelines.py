@@ -70,6 +70,39 @@ def check_pipeline_folder(path: str | Path) -> None:
         raise ValueError(f"the pipeline folder {folder} lacks {', '.join(missing)} (listed in model_index.json)")
 
 
+def damaged_file(folder: Path) -> tuple[Path, str] | None:
+    """The first file of a pipeline folder that cannot be read (a config that is not JSON, a weights file
+    that is empty or whose safetensors header or length is wrong), with what is wrong; None if all read."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return path, f"not valid JSON ({err})"
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in (".safetensors", ".bin", ".pt", ".ckpt") and path.is_file() and path.stat().st_size == 0:
+            return path, "an empty file"
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except Exception as err:  # noqa: BLE001 - SafetensorError has no public base class
+                return path, f"not a complete safetensors file ({err})"
+    return None
+
+
+def damaged_folder_message(folder: Path, err: Exception) -> str:
+    """Why a local pipeline folder did not load: the file that failed and what is wrong with it (the hub is
+    not involved, so no advice about it)."""
+    found = damaged_file(folder)
+    if found is None:
+        return f"could not load the pipeline folder {folder}: {err}"
+    path, problem = found
+    return (f"could not load the pipeline folder {folder}: {path} is {problem}; copy or save that file again "
+            "(pipe.save_pretrained(folder) writes every file)")
+
+
 def check_hub(model_id: str, timeout: float = 5.0) -> None:
     """Fail fast, once, for a hub id that is neither in the local cache nor reachable (the hub clients
     would otherwise retry for minutes). Offline mode (HF_HUB_OFFLINE=1) leaves it to the cache."""
@@ -161,7 +194,11 @@ def load_pipeline(model: str | Path, device: str = "cpu", dtype: str | torch.dty
     try:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many classes (OSError, SafetensorError, ...)
+        if looks_local(model):
+            raise ValueError(damaged_folder_message(Path(model), err)) from err
+        if not isinstance(err, OSError):
+            raise
         raise OSError(
             f"could not load the pipeline {str(model)!r}: {err}. Without access to the model hub, pass a local "
             "folder saved with save_pretrained."

@@ -134,6 +134,24 @@ def test_an_unreachable_or_unknown_hub_id_fails_at_once(tmp_path, capsys):
     assert not list(tmp_path.rglob("*.png"))
 
 
+@pytest.mark.parametrize("part,damage", [
+    ("unet/diffusion_pytorch_model.safetensors", lambda b: b[: len(b) // 2]),  # a copy cut short
+    ("vae/diffusion_pytorch_model.safetensors", lambda b: b""),
+    ("unet/config.json", lambda b: b"{not json"),
+])
+def test_a_damaged_local_model_names_the_file(tiny_model, tmp_path, capsys, part, damage):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / part).write_bytes(damage((model / part).read_bytes()))
+    assert main(["generate", "a cat", "--model", str(model), "--steps", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("attnreg: error: could not load the pipeline folder") and str(model / part) in err
+    assert "hub" not in err
+    assert not list(tmp_path.rglob("*.png"))
+
+
 def test_generate_prints_only_its_own_lines(tiny_model, tmp_path):
     # A fresh process: the libraries' one-time notices ("requires torchvision") and loading bars would
     # show there, and nowhere else.
