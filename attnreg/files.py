@@ -13,20 +13,30 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+class WriteError(OSError):
+    """A file that could not be written (a full disk, no permission): the message names its path."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message, without "[Errno 28]"
+
+
 def atomic_write(path: Path, write: Callable) -> None:
     """`write(f)` into a temporary binary file, flush it to disk, then rename it over `path` (atomic on
-    POSIX); a failed write removes its temporary file and leaves `path` untouched."""
+    POSIX); a failed write removes its temporary file and leaves `path` untouched. An OSError of the disk
+    comes out as a `WriteError` naming `path` (the errno alone does not say which file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         raise
 
 

@@ -152,6 +152,28 @@ def test_a_damaged_local_model_names_the_file(tiny_model, tmp_path, capsys, part
     assert not list(tmp_path.rglob("*.png"))
 
 
+def test_a_failed_image_write_names_the_file_and_leaves_none(tiny_model, tmp_path):
+    # A real write error: the child process may write files of at most 4 KiB (RLIMIT_FSIZE), less than a PNG.
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "attnreg.cli", "generate", "a cat and a dog", "--model", tiny_model,
+                           "--steps", "1", "--preset", "paper", "--out", str(out)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, preexec_fn=small_files)
+    image = out / f"{slug('a cat and a dog')}_seed42_attnreg.png"
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"attnreg: error: cannot write {image}: File too large"
+    assert list(out.iterdir()) == []  # neither the image, nor its temporary file, nor a JSON
+
+
 def test_generate_prints_only_its_own_lines(tiny_model, tmp_path):
     # A fresh process: the libraries' one-time notices ("requires torchvision") and loading bars would
     # show there, and nowhere else.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..files import atomic_save_image, atomic_write_text
 from ..names import prompt_stem
 from ..tokens import command_line_targets
 from .common import (
@@ -60,7 +61,7 @@ def cmd_generate(args) -> int:
     plain = pipe(args.prompt, generator=generator(), **call).images if args.compare else [None] * len(images)
     stem = f"{prompt_stem(args.prompt)}_seed{args.seed}"
     written = write_images(out, stem, images, plain, args.prompt, info)
-    (out / f"{stem}.json").write_text(json.dumps(run_record(args, pipe, reg, info, call), indent=2, allow_nan=False))
+    atomic_write_text(out / f"{stem}.json", json.dumps(run_record(args, pipe, reg, info, call), indent=2, allow_nan=False))
     for path in written + [out / f"{stem}.json"]:
         print(path)
     return 0
@@ -89,11 +90,11 @@ def write_images(out, stem: str, images, plain, prompt: str, info: dict) -> list
     written = []
     for i, (image, original) in enumerate(zip(images, plain)):
         name = stem if len(images) == 1 else f"{stem}_{i}"
-        image.save(out / f"{name}_attnreg.png")
+        atomic_save_image(out / f"{name}_attnreg.png", image)  # a full disk leaves no cut PNG behind
         written.append(out / f"{name}_attnreg.png")
         if original is not None:
-            original.save(out / f"{name}_original.png")
+            atomic_save_image(out / f"{name}_original.png", original)
             caption = f"{prompt} | targets: " + ", ".join(f"{w} ({i})" for w, i in zip(info["tokens"], info["indices"]))
-            side_by_side(original, image, caption).save(out / f"{name}_compare.png")
+            atomic_save_image(out / f"{name}_compare.png", side_by_side(original, image, caption))
             written += [out / f"{name}_original.png", out / f"{name}_compare.png"]
     return written
