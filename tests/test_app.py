@@ -233,3 +233,30 @@ def test_the_cli_lists_the_app_command():
 
     args = build_parser().parse_args(["app", "--port", "7999"])
     assert args.port == 7999 and args.func.__module__ == "attnreg.commands.app"
+
+
+def test_a_busy_port_is_named_before_the_model_loads(capsys):
+    import socket
+
+    from attnreg.cli import main
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert main(["app", "--port", str(port)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"attnreg: error: port {port} on 127.0.0.1 is in use (another attnreg app?); choose another with --port, "
+            f"e.g. --port {port + 1}")
+        assert main(["app", "--host", "0.0.0.0", "--port", str(port)]) == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith("attnreg app: warning: --host 0.0.0.0 opens the page to the network without a login")
+    assert f"port {port} on 0.0.0.0 is in use" in error
+
+
+def test_only_a_loopback_host_starts_without_a_warning():
+    from attnreg.commands.app import open_to_network_warning
+
+    assert open_to_network_warning("127.0.0.1", 7860) is None and open_to_network_warning("localhost", 7860) is None
+    assert "without a login" in open_to_network_warning("0.0.0.0", 7860)
+    assert "without a login" in open_to_network_warning("::", 7860)

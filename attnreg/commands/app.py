@@ -35,14 +35,53 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_app)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def open_to_network_warning(host: str, port: int) -> str | None:
+    """The warning an address other than this machine's own gets at start, None for a loopback one."""
+    if host in LOOPBACK or host.startswith("127."):
+        return None
+    return (f"attnreg app: warning: --host {host} opens the page to the network without a login: anyone who can "
+            f"reach this machine on port {port} can run jobs on it; --host 127.0.0.1 keeps it to this machine")
+
+
+def busy_port_message(host: str, port: int) -> str:
+    return (f"port {port} on {host} is in use (another attnreg app?); choose another with --port, "
+            f"e.g. --port {port + 1 if port < 65535 else port - 1}")
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, before the model loads, a port another program listens on (the bind Gradio would try)."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ValueError(busy_port_message(host, port)) from None
+            raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err}); --host takes an address "
+                             "of this machine (127.0.0.1, or 0.0.0.0 for every interface)") from None
+
+
 def cmd_app(args) -> int:
+    import sys
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("MPLBACKEND", "Agg")
     import torch
 
     from ..pipelines import check_device
 
+    warning = open_to_network_warning(args.host, args.port)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     check_device(args.device)
+    check_port(args.host, args.port)
     torch.set_num_threads(args.threads)
     from ..app.logic import Engine
     from ..app.ui import launch
@@ -50,5 +89,10 @@ def cmd_app(args) -> int:
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, default_steps=args.steps)
     print(f"attnreg app: {'the embedded shapes model' if args.model is None else args.model} on {args.device}; "
           f"open http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}", flush=True)
-    launch(engine, args.host, args.port, block=True)
+    try:
+        launch(engine, args.host, args.port, block=True, quiet=True)  # quiet: Gradio's own URL and share-link lines
+    except OSError as err:
+        if "port" in str(err):  # taken while the model loaded; Gradio's text names its own environment variable
+            raise ValueError(busy_port_message(args.host, args.port)) from None
+        raise
     return 0
