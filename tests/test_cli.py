@@ -242,3 +242,27 @@ def test_a_regulator_with_no_layer_says_so(tiny_model, tmp_path, capsys):
                      "--out", str(tmp_path / "out")]) == 0
     record = _record(tmp_path / "out")
     assert record["edited_layers"] == [] and record["warnings"] and "no layer to edit" in record["warnings"][0]
+
+
+def _subcommands():
+    import argparse
+
+    from attnreg.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_option_of_every_subcommand_has_help():
+    import argparse
+
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, parser in _subcommands().items()
+               for a in parser._actions if not isinstance(a, argparse._HelpAction) and a.help in (None, "", argparse.SUPPRESS)]
+    assert missing == []
+
+
+def test_threads_means_the_same_in_every_subcommand():
+    having = {name: next(a for a in parser._actions if "--threads" in a.option_strings)
+              for name, parser in _subcommands().items() if "--threads" in parser._option_string_actions}
+    assert set(having) >= {"generate", "explain", "calibrate", "bench", "ablate", "app"}
+    assert all(a.default == 1 and "default: 1 in every sub-command" in a.help for a in having.values())

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--values", required=True,
                    help="comma-separated numbers; for layers, sets separated by ';' (e.g. 'down_blocks.2;down_blocks.2,up_blocks.1')")
     p.add_argument("--dataset", default="shapes", help="shapes, ae or file:PATH (default: shapes)")
-    p.add_argument("--subsets", default=None)
+    p.add_argument("--subsets", default=None, help="comma-separated subsets of the data set (default: all)")
     p.add_argument("--seeds", default="0-7", help="e.g. 0-7, 0,1,2 or 0-3,10 (default 0-7)")
     p.add_argument("--limit", type=int, default=10, help="prompts per subset (default 10)")
     add_model_args(p)
@@ -56,6 +56,6 @@ def register(subparsers) -> None:
     p.add_argument("--fidelity", default=None, help="METRIC.FIELD plotted (default: detect.success on shapes, clip.full otherwise)")
     p.add_argument("--clip-model", default=None, help="CLIP id or folder for the clip metric")
     p.add_argument("--out", required=True, help="output folder (a sweep writes hundreds of images)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_ablate)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import MODEL_HELP, model_name, positive_int
+from .common import MODEL_HELP, add_threads_arg, model_name, positive_int
 
 
 def _port(text: str) -> int:
@@ -30,8 +30,7 @@ def register(subparsers) -> None:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=_port, default=7860, help="TCP port (default: 7860)")
     p.add_argument("--steps", type=positive_int, default=50, help="the page's default number of steps (default: 50)")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch CPU threads (default: 1; jobs run one at a time, and results depend on the count)")
+    add_threads_arg(p, ", for the one job that runs at a time")
     p.set_defaults(func=cmd_app)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..names import split_list
-from .common import MODEL_HELP, add_sampling_args, model_name, positive_int
+from .common import MODEL_HELP, add_sampling_args, add_threads_arg, model_name, positive_int
 
 
 def _add_metric_model_args(p: argparse.ArgumentParser) -> None:
@@ -84,29 +84,30 @@ def register(sub) -> None:
     add_sampling_args(b)
     b.add_argument("--limit", type=int, default=None, help="at most N prompts per subset")
     b.add_argument("--device", default="cpu", help="cpu, cuda, ... (each process takes its own GPU when distributed)")
-    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the pipeline's dtype (default: float32)")
     b.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                    help="a method option (JSON value), e.g. attend-and-excite.max_iter_to_alter=10, attnreg.edit_steps=20; repeatable")
-    b.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per process (default: 1)")
+    add_threads_arg(b, " per process")
     b.set_defaults(on_interrupt="finished images are kept; the same command resumes")
     b.add_argument("--force", action="store_true", help="write beside records of another configuration (never overwrites)")
     b.add_argument("--warmup", action="store_true", help="one untimed image per method first (fairer seconds/image)")
     b.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--debug", action="store_true", help="show tracebacks")
     _add_metric_model_args(b)
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("score", help="compute metrics for a benchmark folder (resumable)")
-    s.add_argument("dir")
+    s.add_argument("dir", help="the benchmark folder (attnreg bench --out)")
     s.add_argument("--metrics", required=True, help=f"comma-separated, from: {', '.join(METRICS)}")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--debug", action="store_true")
+    s.add_argument("--device", default="cpu", help="where the metric models run: cpu, cuda, ... (default: cpu)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--debug", action="store_true", help="show tracebacks")
     _add_metric_model_args(s)
     s.set_defaults(func=cmd_score)
 
     r = sub.add_parser("report", help="write report.md and figures for a benchmark folder")
-    r.add_argument("dir")
-    r.add_argument("--debug", action="store_true")
+    r.add_argument("dir", help="the benchmark folder (attnreg bench --out)")
+    r.add_argument("--debug", action="store_true", help="show tracebacks")
     r.set_defaults(func=cmd_report)

@@ -103,8 +103,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="the pipeline's dtype; the optimisation always runs in float32 (default: float32)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's own; results depend on it, so keep it fixed)")
+    add_threads_arg(p)
+
+
+def add_threads_arg(p: argparse.ArgumentParser, note: str = "") -> None:
+    """--threads, one meaning in every sub-command: torch's CPU threads, 1 unless given."""
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help=f"torch CPU threads{note} (default: 1 in every sub-command, the fast setting on small CPUs, "
+                   "where more threads contend; the images depend on the count, so keep it fixed)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -117,13 +123,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def prepare_run(args) -> None:
     """Checks and settings every generating command needs before a model loads: the device exists, the
     thread count is set."""
+    import torch
+
     from ..pipelines import check_device
 
     check_device(args.device)
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(getattr(args, "threads", 1))
 
 
 def writable_folder(path: str) -> Path:

@@ -53,7 +53,7 @@ def register(subparsers) -> None:
         description="Run PROMPT plainly and with attention regulation from the same seed; write maps.png, "
         "stats.png, compare.png and explain.json to --out, and print a diagnosis per target.",
     )
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the text to draw")
     p.add_argument("--targets", default=None,
                    help="comma-separated target words or phrases; a number is a token index (attnreg tokens), a word named twice its next occurrence (circle,circle = circle,circle#2) (default: the prompt's nouns)")
     add_model_args(p)

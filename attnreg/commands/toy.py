@@ -13,7 +13,8 @@ RETIRED = ("attnreg toy evaluate is retired; measure the embedded model with the
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("toy", help="train the embedded shapes model (evaluate it with attnreg bench --dataset shapes)")
-    p.add_argument("action", choices=["train", "evaluate"])
+    p.add_argument("action", choices=["train", "evaluate"],
+                   help="train (evaluate is retired: attnreg bench --dataset shapes measures the model)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of `python -m attnreg.toy.ACTION --help`")
     p.set_defaults(func=run)
 
