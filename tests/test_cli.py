@@ -266,3 +266,54 @@ def test_threads_means_the_same_in_every_subcommand():
               for name, parser in _subcommands().items() if "--threads" in parser._option_string_actions}
     assert set(having) >= {"generate", "explain", "calibrate", "bench", "ablate", "app"}
     assert all(a.default == 1 and "default: 1 in every sub-command" in a.help for a in having.values())
+
+
+def test_image_k_of_n_is_the_image_of_seed_plus_k_alone(tiny_model, tmp_path, capsys):
+    run = ["generate", "a cat and a dog", "--model", tiny_model, "--steps", "2", "--compare"]
+    assert main(run + ["--seed", "3", "-n", "2", "--out", str(tmp_path / "two")]) == 0
+    assert main(run + ["--seed", "4", "--out", str(tmp_path / "one")]) == 0
+    stem = slug("a cat and a dog")
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert names == sorted(f"{stem}_seed{s}{end}" for s in (3, 4)
+                           for end in ("_attnreg.png", "_original.png", "_compare.png", ".json"))
+    for end in ("_attnreg.png", "_original.png"):
+        alone, in_two = (Image.open(tmp_path / d / f"{stem}_seed4{end}") for d in ("one", "two"))
+        assert alone.tobytes() == in_two.tobytes()
+    assert Image.open(tmp_path / "two" / f"{stem}_seed3_attnreg.png").tobytes() != alone.tobytes()
+    assert [_record_of(tmp_path / "two" / f"{stem}_seed{s}.json")["seed"] for s in (3, 4)] == [3, 4]
+
+
+def _record_of(path):
+    return json.loads(Path(path).read_text())
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_generate_shows_a_progress_bar_on_a_terminal_only(tiny_model, tmp_path, quiet):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    parent, child = pty.openpty()  # standard error is a terminal (80 columns); standard output a pipe
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    argv = [sys.executable, "-m", "attnreg.cli", "generate", "a cat and a dog", "--model", tiny_model, "--steps", "2",
+            "--preset", "paper", "--out", str(tmp_path)] + (["--quiet"] if quiet else [])
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=child, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    os.close(child)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(parent, 4096)
+        except OSError:  # the terminal is closed and read to its end
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(parent)
+    assert done.returncode == 0
+    assert ("attnreg generate: " in terminal.decode(errors="replace")) is not quiet
+    assert "%|" not in done.stdout and [Path(line).suffix for line in done.stdout.splitlines()[-2:]] == [".png", ".json"]
