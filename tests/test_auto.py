@@ -203,7 +203,7 @@ def test_modifiers_are_the_content_words_before_the_noun():
 
 
 def test_binding_option_pairs_modifiers_and_lowers_its_loss():
-    from attnreg.regulation import binding_loss, optimise_rows_bound
+    from attnreg.regulation import optimise_rows_bound
 
     pipe = tiny_sd_pipeline()
     reg = AttentionRegulator(pipe, RegulationConfig.from_preset("auto", binding=1.0, neglect_ratio=1.0))

@@ -11,7 +11,7 @@ import torch
 
 from attnreg import AttentionRegulator, RegulationConfig, compiled
 from attnreg.config import ConfigError
-from attnreg.regulation import RelativeLoss, edit_group, fast_step_sizes, gaussian_bases, reference_levels
+from attnreg.regulation import RelativeLoss, edit_group, gaussian_bases
 from attnreg.testing import tiny_sd_pipeline
 
 LOSS = RelativeLoss(1.0, 1.0, 0.01, 0.9, 2.0)

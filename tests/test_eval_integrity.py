@@ -1,7 +1,6 @@
 """A benchmark folder under damage and concurrency: damaged items are made again, stale temp files go,
 two plain processes share the work, other numerics or a missing metric model are refused up front."""
 
-import json
 import os
 import subprocess
 import sys

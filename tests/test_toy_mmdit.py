@@ -12,7 +12,7 @@ from attnreg import AttentionRegulator, RegulationConfig
 from attnreg.cli import main as cli
 from attnreg.joint import CLIP_LENGTH, JointAttentionRegulator
 from attnreg.toy import MODELS, ModelNotTrainedError, load_pipeline, model_path
-from attnreg.toy.mmdit import (MMDiTConfig, ZeroColumnsAttnProcessor, build_pipeline, build_transformer, prompt_embeds,
+from attnreg.toy.mmdit import (MMDiTConfig, build_pipeline, build_transformer, prompt_embeds,
                                use_zero_columns)
 from attnreg.toy.train import main as train
 

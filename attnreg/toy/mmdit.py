@@ -34,7 +34,6 @@ the real 256 zero columns) at about half the cost. The exported pipeline runs di
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
