@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from . import files
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_VERSION = 1
 
@@ -280,12 +282,13 @@ def calibrated_layers(pipe, allow_run: bool = True) -> tuple[str, ...] | None:
     if not allow_run:
         return None
     path = cached_calibration_path(pipe)
-    print(f"attnreg: calibrating this model's layers (first use; cached in {path})", file=sys.stderr)
+    # a warning, so that Python users without a logging set-up see it too: it takes a while
+    log.warning("calibrating this model's layers (first use; cached in %s)", path)
     try:
         result = calibrate(pipe)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, result)
     except (CalibrationError, OSError) as err:
-        print(f"attnreg: calibration not possible ({err}); using the structural layer rule", file=sys.stderr)
+        log.warning("calibration not possible (%s); using the structural layer rule", err)
         return None
     return tuple(result["layers"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
         return done.code if isinstance(done.code, int) else 2
     default_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
+    handler = _show_library_messages()
     try:
         return args.func(args)
     except (ValueError, OSError, UnsupportedPipelineError) as err:
@@ -45,6 +47,18 @@ def main(argv=None) -> int:
         return 130
     finally:
         warnings.formatwarning = default_format
+        logging.getLogger("attnreg").removeHandler(handler)
+
+
+def _show_library_messages() -> logging.Handler:
+    """The library logs (targets chosen, a first-use calibration) under "attnreg"; on the command line they
+    are one line each on stderr, "attnreg: ..." (warnings: "attnreg: warning: ...")."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    logger = logging.getLogger("attnreg")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -57,6 +71,12 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 _PYTHON_FORMAT = warnings.formatwarning
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "warning: " if record.levelno >= logging.WARNING else ""
+        return f"attnreg: {level}{record.getMessage()}"
 
 
 if __name__ == "__main__":

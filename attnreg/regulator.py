@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 from contextlib import contextmanager
 
@@ -11,6 +12,8 @@ from .geometry import block_level, cross_attention_layers, layer_blocks
 from .names import split_list
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
 from .tokens import TargetError, auto_targets, eos_index, modifier_columns, resolve_targets, token_table
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 
@@ -210,7 +213,7 @@ class AttentionRegulator:
         for r in resolved:
             if r["source"] != "given":
                 chosen = ", ".join(f"{w} -> {i}" for w, i in zip(r["tokens"], r["indices"])) or "none found"
-                print(f"attnreg: targets for {r['prompt']!r} ({r['source']}): {chosen}")
+                log.info("targets for %r (%s): %s", r["prompt"], r["source"], chosen)
         self.last_targets = resolved
         _, edit_steps = self.call_steps(kwargs)
         if not any(r["indices"] for r in resolved):

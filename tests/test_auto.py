@@ -125,16 +125,18 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_a_model_without_attnreg_json_is_calibrated_once_and_cached(capsys, tmp_path, monkeypatch):
+def test_a_model_without_attnreg_json_is_calibrated_once_and_cached(caplog, tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNREG_CACHE", str(tmp_path))  # empty, whichever tests ran before
     pipe = tiny_sd_pipeline(seed=3)
     assert find_calibration(pipe) is None
     reg = AttentionRegulator(pipe, RegulationConfig.from_preset("auto"))
-    assert "calibrating" in capsys.readouterr().err
+    said = [r.getMessage() for r in caplog.records if "calibrating" in r.getMessage()]
+    assert len(said) == 1  # one line, when it runs
     path = cached_calibration_path(pipe)
     assert path.is_file() and frozenset(json.loads(path.read_text())["layers"]) == reg.layers
+    caplog.clear()
     AttentionRegulator(pipe, RegulationConfig.from_preset("auto"))
-    assert "calibrating" not in capsys.readouterr().err
+    assert "calibrating" not in caplog.text
 
 
 def test_calibrating_a_unet_without_cross_attention_says_so():

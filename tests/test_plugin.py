@@ -117,11 +117,12 @@ def test_an_image_does_not_depend_on_the_images_after_it_in_its_batch(sd):
     assert np.abs(listed[1] - alone[0]).max() <= max(1e-4, 10 * plain)
 
 
-def test_auto_targets_reported(sd, capsys):
+def test_auto_targets_reported(sd, caplog):
     reg = AttentionRegulator(sd)
-    images(reg, prompt="a red apple on a chair", num_inference_steps=2)
+    with caplog.at_level("INFO", logger="attnreg"):  # logged, never printed by the library
+        images(reg, prompt="a red apple on a chair", num_inference_steps=2)
     assert reg.last_targets[0]["tokens"] == ["apple", "chair"]
-    assert "apple -> 3, chair -> 6" in capsys.readouterr().out
+    assert "apple -> 3, chair -> 6" in caplog.text
 
 
 def test_v_prediction_and_bfloat16_have_no_nan():
