@@ -58,7 +58,7 @@ def make(pipe, name: str):
 
 def run(args) -> None:
     from attnreg.pipelines import load_pipeline
-    from attnreg.toy import prompt_targets, score
+    from attnreg.toy import parse_prompt, prompt_targets, score
 
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -80,14 +80,18 @@ def run(args) -> None:
                 t = time.perf_counter()
                 image = fn(prompt, prompt_targets(prompt), torch.Generator("cpu").manual_seed(seed))
                 s = score(prompt, image)
+                named = sorted(c for c, _ in parse_prompt(prompt) if c)
+                drawn = [c for _, c, _ in s["detections"]]
+                colours = all(drawn.count(c) >= named.count(c) for c in named)  # every named colour drawn, shapes aside
                 row = {"config": name, "prompt": prompt, "seed": seed, "kind": len(prompt_targets(prompt)),
-                       "success": bool(s["success"]), "extra": s["extra_objects"], "seconds": time.perf_counter() - t}
+                       "success": bool(s["success"]), "colours": colours, "extra": s["extra_objects"],
+                       "seconds": time.perf_counter() - t}
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
         print(f"{name} done", flush=True)
 
 
-def summary(path: str, against: str) -> None:
+def summary(path: str, against: str, metric: str = "success") -> None:
     from attnreg.eval.stats import mean_ci
 
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
@@ -95,13 +99,13 @@ def summary(path: str, against: str) -> None:
     for r in rows:
         by.setdefault(r["config"], {})[(r["prompt"], r["seed"])] = r
     base = by[against]
-    print(f"| config | kind | n | success | vs {against} [95 %] | wins / losses | kept | s / image |")
+    print(f"| config | kind | n | {metric} | vs {against} [95 %] | wins / losses | kept | s / image |")
     print("|---|---|---|---|---|---|---|---|")
     for name, got in by.items():
         for kind in sorted({r["kind"] for r in got.values()}):
             keys = sorted(k for k, r in got.items() if r["kind"] == kind and k in base)
-            a = [float(base[k]["success"]) for k in keys]
-            b = [float(got[k]["success"]) for k in keys]
+            a = [float(base[k][metric]) for k in keys]
+            b = [float(got[k][metric]) for k in keys]
             diff, low, high = mean_ci([y - x for x, y in zip(a, b)])
             wins = sum(1 for x, y in zip(a, b) if y > x)
             losses = sum(1 for x, y in zip(a, b) if y < x)
@@ -121,9 +125,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/design-mmdit/rows.jsonl")
     ap.add_argument("--summary", default=None, help="print the paired table of a rows file and exit")
     ap.add_argument("--against", default="vanilla")
+    ap.add_argument("--metric", default="success", help="success (the detector's verdict) or colours (every named "
+                    "colour drawn, shapes aside)")
     a = ap.parse_args()
     if a.summary:
-        summary(a.summary, a.against)
+        summary(a.summary, a.against, a.metric)
     else:
         run(a)
 

@@ -29,13 +29,15 @@ def main() -> None:
     ap.add_argument("--seeds", default="1000-1001")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--guidance", type=float, default=7.0)
+    ap.add_argument("--max-sequence-length", type=int, default=None, help="the call's zero (T5) columns (default: the "
+                    "pipeline's)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     path = model_path(a.model) if a.model.startswith("toy-") else a.model
     pipe = load_pipeline(str(path))
     first, _, last = a.seeds.partition("-")
     shares: dict[tuple[int, str], list[list[float]]] = defaultdict(list)  # (block, part) -> per step
-    state = {"step": 0, "targets": []}
+    state = {"step": 0, "targets": [], "words": []}
 
     class Share:
         """diffusers' own processor for the output; the shares computed beside it from the same q and k."""
@@ -51,7 +53,12 @@ def main() -> None:
             n = k.shape[2]
             parts = {"image keys": p[:n].sum(), "clip text": p[n : n + CLIP_LENGTH].sum(),
                      "t5 / zero columns": p[n + CLIP_LENGTH :].sum(),
+                     "words": p[[n + t for t in state["words"]]].sum(),
                      "targets": p[[n + t for t in state["targets"]]].sum()}
+            words = (q[cond:] @ keys.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)[..., [n + t for t in state["words"]]]
+            in_words = words / words.sum(dim=-1, keepdim=True)  # the loss's units: shares of the prompt's words
+            targets = [state["words"].index(t) for t in state["targets"]]
+            parts["targets / words"] = in_words[..., targets].sum(dim=-1).mean()
             for name, value in parts.items():
                 rows = shares[(self.block, name)]
                 while len(rows) <= state["step"]:
@@ -71,14 +78,17 @@ def main() -> None:
 
     for prompt in a.prompts.split("|"):
         state["targets"] = reg.resolve(prompt, prompt_targets(prompt))["indices"]
+        state["words"] = [t.index for t in reg.word_tokens(prompt)]
         for seed in range(int(first), int(last or first) + 1):
             state["step"] = 0
             pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=a.steps,
-                 guidance_scale=a.guidance, callback_on_step_end=count)
+                 guidance_scale=a.guidance, callback_on_step_end=count,
+                 **({"max_sequence_length": a.max_sequence_length} if a.max_sequence_length else {}))
     for b, original in zip(blocks, originals):
         b.attn.set_processor(original)
     shown = [0, a.steps // 4, a.steps // 2, a.steps - 1]
-    print(f"mean share of the image queries' joint softmax (conditional half), {a.model}, prompts x seeds")
+    print(f"mean share of the image queries' joint softmax (conditional half), {a.model}, prompts x seeds; "
+          "'targets / words': the targets' share of the prompt's word columns alone")
     print("| block | part | " + " | ".join(f"step {s}" for s in shown) + " |")
     print("|---|---|" + "---|" * len(shown))
     for (block, part), rows in sorted(shares.items()):
