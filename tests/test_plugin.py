@@ -223,3 +223,28 @@ def test_model_folder_names_its_layers(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path)
     paper = RegulationConfig.from_preset("paper")
     assert AttentionRegulator(pipe, paper).layers == {"mid_block.attentions.0.transformer_blocks.0.attn2"}
+
+
+def test_explicit_path_mirrors_the_diffusers_processor(sd):
+    """The processor's explicit attention (taken whenever a layer is edited or recorded) is diffusers'
+    AttnProcessor2_0 with the softmax written out: the same output when nothing is changed."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from attnreg.geometry import cross_attention_layers
+    from attnreg.processor import RegulationState
+
+    name = cross_attention_layers(sd.unet)[0]
+    attn = sd.unet.get_submodule(name)
+    torch.manual_seed(0)
+    hidden, context = torch.randn(2, 64, attn.to_q.in_features), torch.randn(2, 77, attn.to_k.in_features)
+
+    class Keep:
+        def record(self, layer, step, probs, state):
+            self.probs = probs
+
+    keep = Keep()
+    processor = RegulatedAttnProcessor(name, AttnProcessor2_0(), RegulationState(RegulationConfig(), frozenset()))
+    got = processor._explicit(attn, hidden, context, None, None, False, [keep])
+    want = AttnProcessor2_0()(attn, hidden, context)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keep.probs.sum(-1), torch.ones(keep.probs.shape[:-1]))
