@@ -51,7 +51,9 @@ def main() -> None:
             keys = torch.cat([k, ck], dim=2)[cond:]
             p = (q[cond:] @ keys.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1).mean(dim=(0, 1, 2))
             n = k.shape[2]
-            parts = {"image keys": p[:n].sum(), "clip text": p[n : n + CLIP_LENGTH].sum(),
+            last_word = max(state["words"])
+            parts = {"image keys": p[:n].sum(), "clip text": p[n : n + CLIP_LENGTH].sum(), "sos": p[n],
+                     "eos + padding": p[n + last_word + 1 : n + CLIP_LENGTH].sum(),
                      "t5 / zero columns": p[n + CLIP_LENGTH :].sum(),
                      "words": p[[n + t for t in state["words"]]].sum(),
                      "targets": p[[n + t for t in state["targets"]]].sum()}
