@@ -3,15 +3,17 @@
 # distinct prompts), sd (the plain pipeline), attnreg (the default `auto` preset: the model's calibrated joint
 # blocks, the loss in the words' units) and taca (gamma 1.2 on the first 3 of 28 steps), paired on the same
 # noise, the `detect` scorer. The sampler is the model's own default (attnreg.json: 28 flow-matching Euler
-# steps, guidance 7) at max_sequence_length 8 (the model is trained for 8 and 256). Two processes of one
-# thread each; resumable: rerun the same command after a stop.
+# steps, guidance 7) with the pipeline's default 256 zero columns, the layout the shipped model is trained
+# for. Two processes of one thread each; resumable: rerun the same command after a stop.
 # Afterwards: attnreg score OUT --metrics detect && attnreg report OUT
-# Usage: bash benchmarks/shapes_mmdit_measurement.sh [OUT] [SEEDS]   (default runs/shapes-mmdit, 0-15)
+# Usage: bash benchmarks/shapes_mmdit_measurement.sh [OUT] [SEEDS] [SUBSETS]   (default runs/shapes-mmdit, 0-15,
+# 1obj,2obj,3obj)
 set -euo pipefail
 OUT=${1:-runs/shapes-mmdit}
 SEEDS=${2:-0-15}
+SUBSETS=${3:-1obj,2obj,3obj}
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 "$(dirname "$PY")/torchrun" --standalone --nproc_per_node 2 -m attnreg.cli bench --dataset shapes --limit 30 \
-  --model toy-mmdit --steps 28 --guidance 7 --max-sequence-length 8 --out "$OUT" --warmup --no-progress \
+  --model toy-mmdit --steps 28 --guidance 7 --out "$OUT" --warmup --no-progress --subsets "$SUBSETS" \
   --metrics none --no-report --methods sd,attnreg,taca --seeds "$SEEDS"

@@ -19,9 +19,8 @@ Text. SD3 needs text_encoder and text_encoder_2; the T5 encoder is optional and 
 12 words, and without T5 the targets are looked up in CLIP (attnreg.joint). The joint text stream is then
 exactly what the pipeline builds: 77 columns of [CLIP-1 penultimate layer | CLIP-2 penultimate layer] (one
 column per CLIP token: SOS, words, EOS, padding), then `max_sequence_length` zero columns where T5 would
-be. Each training caption gets one of `zero_column_counts` (8 or 256) at random, so the model is right both
-for the pipeline's default call (256) and for the short one attnreg's tools make (`max_sequence_length` 8 in
-attnreg.json: 64 image + 85 text tokens per block instead of 64 + 333, about twice as fast to sample).
+be. Each training caption gets one of `zero_column_counts` at random (the shipped model: 256 only, the
+pipeline's default call; (8, 256) makes a model that is also right for a short, faster call).
 
 The zero columns cost nothing here. They are identical tokens, and stay identical through every block
 (same input, same queries, same keys), so L of them act in every softmax exactly as one with log(L) added to
@@ -58,17 +57,17 @@ class MMDiTConfig(Config):
     text2_layers: int = 3
     text2_heads: int = 2
     text2_intermediate: int = 128
-    patch_size: int = 2  # SD3's: an 8 x 8 token grid on the 16 x 16 latents
+    patch_size: int = 1  # a 16 x 16 token grid (2: SD3's own, an 8 x 8 grid; see README.md for how it did)
     mmdit_heads: int = 2
-    mmdit_head_dim: int = 64
-    mmdit_layers: int = 6
-    pos_embed_max_size: int = 32  # the sin-cos table's grid: images up to 256 px at patch 2
-    zero_column_counts: tuple = (8, 256)  # the zero (T5) columns a caption is trained with, one drawn per caption
-    max_sequence_length: int = 8  # the call attnreg's tools make (attnreg.json); 256, the pipeline's default, works too
+    mmdit_head_dim: int = 48
+    mmdit_layers: int = 4
+    pos_embed_max_size: int = 32  # the sin-cos table's grid: images up to 128 px at patch 1
+    zero_column_counts: tuple = (256,)  # the zero (T5) columns a caption is trained with, one drawn per caption
+    max_sequence_length: int = 256  # the call the model is made for (attnreg.json); the pipeline's default
     flow_shift: float = 1.0  # FlowMatchEulerDiscreteScheduler shift, training and sampling
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    mmdit_steps: int = 5000  # about 1 h 25 min at the 1.0 s per step measured (1 thread, a busy machine)
+    mmdit_steps: int = 3600  # the shipped run's first schedule; README.md says how it was continued to 10,000
     threads: int = 1
 
     @classmethod
