@@ -39,7 +39,7 @@ def check_sets(argv: list[str]) -> None:
 
     known = argparse.ArgumentParser(add_help=False)
     known.add_argument("--arch", default="unet")
-    known.add_argument("--set", nargs="*", default=[])
+    known.add_argument("--set", nargs="+", action="extend", default=[])
     a, _ = known.parse_known_args(argv)
     if a.arch == "mmdit":
         from ..toy.mmdit import MMDiTConfig as cls

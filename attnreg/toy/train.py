@@ -596,7 +596,8 @@ def main(argv=None) -> int:
                     "the shipped model's frozen VAE (latents, mmdit; see attnreg/toy/mmdit.py)")
     ap.add_argument("--out", default=None, help="checkpoints, latent cache and logs (default: runs/toy, runs/toy-mmdit)")
     ap.add_argument("--config", default="default", help="'default', 'tiny' (tests) or a JSON file")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="override config fields; repeat --set or give several pairs to one")
     ap.add_argument("--export", default=None, help="folder to export the EMA pipeline to at each checkpoint")
     ap.add_argument("--phases", default=None, help="default: vae,latents,unet (unet) or latents,mmdit (mmdit)")
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
