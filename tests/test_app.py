@@ -260,3 +260,18 @@ def test_only_a_loopback_host_starts_without_a_warning():
     assert open_to_network_warning("127.0.0.1", 7860) is None and open_to_network_warning("localhost", 7860) is None
     assert "without a login" in open_to_network_warning("0.0.0.0", 7860)
     assert "without a login" in open_to_network_warning("::", 7860)
+
+
+def test_the_app_runs_on_an_mmdit_pipeline():
+    """The page's run on an SD3 pipeline (the tiny config): progress counts the transformer's steps, the maps
+    are drawn, and the regulated image differs."""
+    from attnreg.testing_mmdit import tiny_sd3_pipeline
+
+    engine = Engine(tiny_sd3_pipeline(t5=False), embedded=False, default_steps=4)
+    seen = []
+    result = engine.generate(DEMO, "circle, square", 1, 3, 5.0, "paper", 1,
+                             progress=lambda done, total, what: seen.append(done))
+    assert seen == list(range(2 * 3))
+    assert result.maps.width > 100 and result.targets["indices"] == [3, 7]
+    pair = result.pairs[0]
+    assert np.abs(pixels(pair.original) - pixels(pair.regulated)).max() > 0
