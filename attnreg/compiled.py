@@ -3,7 +3,7 @@ the offsets and the softmax) through `torch.compile`, chosen per device, with an
 
 `edit_group` on the fast path is a fixed number of small tensor operations with no host sync, so a compiler
 can fuse them: on CPU, inductor's C++ backend turns its ~380 ATen calls into a few dozen fused loops and
-the matrix products and top-k it keeps (benchmarks/compiled_edit.py); on CUDA, mode "reduce-overhead"
+the matrix products and top-k it keeps (benchmarks/archive/compiled_edit.py); on CUDA, mode "reduce-overhead"
 also captures it as a CUDA graph, one launch per edited call. The first call pays
 for compiling: 10-75 s on the 2-core CPU here (less when inductor's on-disk graph cache has the shape),
 so `compile="auto"` compiles on CUDA only; on CPU it pays off only over hundreds of images in one process

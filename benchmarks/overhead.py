@@ -16,7 +16,7 @@ request auto-every / auto-exact-every, auto-no-concentration (binding 2 alone, t
 (fast_binding=True), auto-closed-form / auto-autograd (closed_form on / off: the binding solver's gradient by hand or
 by autograd), and
 auto-compiled(-every) (compile="on": torch.compile also on CPU; no
-dispatch-mode operator count, since torch.compile does not run under one: benchmarks/compiled_edit.py
+dispatch-mode operator count, since torch.compile does not run under one: benchmarks/archive/compiled_edit.py
 counts the edit's launches alone; the profiler column counts them in the whole pipeline). They are timed in turn within each repeat (drift hits all alike);
 seconds per image are medians over repeats. Then, per method, the ATen operator calls that compute (each at
 least one kernel launch on a GPU; views apart) per image, with the extra over sd extrapolated to 50 steps
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
                 run()  # compile first: compiling runs operators of its own
             launches[name] = count_launches(run) / per_repeat
             if "compiled" in name:
-                continue  # torch.compile refuses to run under a dispatch mode: see benchmarks/compiled_edit.py
+                continue  # torch.compile refuses to run under a dispatch mode: see benchmarks/archive/compiled_edit.py
             with OpCounter() as counter:
                 run()
             ops[name] = sum(counter.counts.values()) / per_repeat

@@ -3,11 +3,11 @@
 # distinct prompts), 50 steps, guidance 7.5, the `detect` scorer. Rows: sd, the default (`attnreg`, the
 # auto preset) and the earlier defaults on seeds 0-31; `paper` as shipped, `paper` on the 8 x 8 layers, the binding option and
 # Attend-and-Excite at the setting chosen on the design set, on seeds 0-15. Every design choice was made on
-# other prompts and seeds (benchmarks/design_auto.py: shapes_prompts(., seed=1) minus these, seeds 1000+).
+# other prompts and seeds (benchmarks/archive/design_auto.py: shapes_prompts(., seed=1) minus these, seeds 1000+).
 # Two processes of one thread each; resumable: rerun the same command after a stop. The phases come in the
 # order the table needs them, each a complete block of seeds, so a run stopped anywhere is paired and balanced.
 # The `paper` rows repeat an earlier run on the same prompts and noise (benchmarks/data/shapes-final.jsonl.gz;
-# benchmarks/issue9_table.py pairs them after checking that its sd images match), so they come last.
+# benchmarks/shapes_table.py pairs them after checking that its sd images match), so they come last.
 # Afterwards: attnreg score OUT --metrics detect && attnreg report OUT
 # Usage: bash benchmarks/shapes_auto_measurement.sh [OUT]   (default runs/shapes-auto)
 set -euo pipefail

@@ -17,7 +17,7 @@ bench() {
 }
 bench --methods sd,attnreg --seeds 0-15
 bench --methods attend-and-excite --seeds 0-7
-# a follow-up (toy_regulation_findings.md): the paper loss on the 8 x 8 layers only (two-object prompts first); the
+# a follow-up (archive/toy_regulation_findings.md): the paper loss on the 8 x 8 layers only (two-object prompts first); the
 # report labels the two attnreg configurations by their hash
 bench --methods attnreg --subsets 2obj --seeds 0-15 --set 'attnreg.layers=["down_blocks.1","mid_block","up_blocks.0"]'
 bench --methods attnreg --subsets 1obj,3obj --seeds 0-15 --set 'attnreg.layers=["down_blocks.1","mid_block","up_blocks.0"]'

@@ -3,7 +3,7 @@
 On the design set of design_auto.py (vanilla, seeds 1000-1007), record at the calibrated layer
 (down_blocks.1) per image and step: the weakest/strongest target top-decile ratio (the neglect test),
 the overlap of the first two targets' maps, the weakest and strongest levels; print the AUC of each for
-telling failures from successes. Usage: OMP_NUM_THREADS=1 python benchmarks/design_gate.py [OUT.json]
+telling failures from successes. Usage: OMP_NUM_THREADS=1 python benchmarks/archive/design_gate.py [OUT.json]
 """
 import json
 import sys

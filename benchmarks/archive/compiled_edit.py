@@ -10,7 +10,7 @@ kernel launch on a GPU. The shapes: SD 1.5's edited 16 x 16 layers (8 heads, 1 i
 the embedded model's calibrated 8 x 8 layer (2 heads, 1 image; 2 and 3 targets), 77 text columns.
 What the layer call does besides (the neglect test, the explicit attention) is not in these counts.
 
-    OMP_NUM_THREADS=1 python benchmarks/compiled_edit.py --repeats 50
+    OMP_NUM_THREADS=1 python benchmarks/archive/compiled_edit.py --repeats 50
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 
 from attnreg import RegulationConfig
 from attnreg.regulation import edit_group, gaussian_bases
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # benchmarks/, for overhead.py
 from overhead import OpCounter, count_launches  # benchmarks/overhead.py: one way of counting for both
 
 SHAPES = {"sd15 16x16, 8 rows, 2 targets": (16, 8, 2), "embedded 8x8, 2 rows, 2 targets": (8, 2, 2),

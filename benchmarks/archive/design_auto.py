@@ -5,9 +5,9 @@ This sweep uses other prompts (`shapes_prompts(kind, ., seed=1)` minus the table
 so every choice made here is made away from the reported numbers. Resumable: rows already in --out are
 skipped. One row per (config, prompt, seed) with the detector's verdict.
 
-    OMP_NUM_THREADS=1 python benchmarks/design_auto.py --configs vanilla,auto --kinds 2,3 --prompts 12 \
+    OMP_NUM_THREADS=1 python benchmarks/archive/design_auto.py --configs vanilla,auto --kinds 2,3 --prompts 12 \
         --seeds 1000-1007 --out runs/design/rows.jsonl
-    python benchmarks/design_auto.py --summary runs/design/rows.jsonl --against auto
+    python benchmarks/archive/design_auto.py --summary runs/design/rows.jsonl --against auto
 """
 
 from __future__ import annotations

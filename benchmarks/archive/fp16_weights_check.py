@@ -4,7 +4,7 @@ Converts every *.safetensors of attnreg/toy/model to fp16 in a temporary copy, l
 float32 pipelines, makes the same images with both and reports the pixel differences (0-255) and how
 many of the shapes detector's verdicts (`attnreg.toy.score(...)["success"]`) differ.
 
-    OMP_NUM_THREADS=1 python benchmarks/fp16_weights_check.py --prompts 8 --seeds 0,1 --steps 50
+    OMP_NUM_THREADS=1 python benchmarks/archive/fp16_weights_check.py --prompts 8 --seeds 0,1 --steps 50
 
 --prompts is per kind (1, 2 and 3 objects): 8 gives 24 prompts.
 """

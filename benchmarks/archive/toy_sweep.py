@@ -2,11 +2,11 @@
 toy_regulation_findings.md). Detector rates, resuming and paired comparisons are bench's job.
 
   # where the cross-attention mass goes (SOS / targets / other words / first EOS / padding)
-  OMP_NUM_THREADS=1 python benchmarks/toy_sweep.py mass --prompts 3 --seeds 4 --out runs/toy_sweep/mass.json
+  OMP_NUM_THREADS=1 python benchmarks/archive/toy_sweep.py mass --prompts 3 --seeds 4 --out runs/toy_sweep/mass.json
   # the norm of each token's value vector in every cross-attention layer
-  OMP_NUM_THREADS=1 python benchmarks/toy_sweep.py values --prompts 2
+  OMP_NUM_THREADS=1 python benchmarks/archive/toy_sweep.py values --prompts 2
   # partial credit per named object (colour and shape / shape / colour) of a bench folder's images
-  python benchmarks/toy_sweep.py rescore runs/shapes
+  python benchmarks/archive/toy_sweep.py rescore runs/shapes
 
 --model defaults to the shipped model (attnreg/toy/model). The configs of `mass` are overrides of
 RegulationConfig.from_preset("paper") (CONFIGS below); bench runs the same ones as

@@ -4,7 +4,7 @@ exact unit steps and with `fast_step_sizes(..., BINDING_STEP_SHARES)` (14 growin
 `--shares` tries others, e.g. FAST_STEP_SHARES' 1,1,1,1,1,2,2,3,4,4), and the weights, offsets and losses
 compared, with the seconds per call of each.
 
-    OMP_NUM_THREADS=1 python benchmarks/fast_binding_check.py [--prompts 3] [--seed 2000]
+    OMP_NUM_THREADS=1 python benchmarks/archive/fast_binding_check.py [--prompts 3] [--seed 2000]
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""Issue 9's table: every method paired with sd, per kind, from a scored `shapes` benchmark folder, plus
+"""The embedded UNet model's table: every method paired with sd, per kind, from a scored `shapes` benchmark folder, plus
 rows of an earlier exported run (benchmarks/data/*.jsonl.gz) on the same prompts and noise.
 
 An earlier run's rows are paired with this folder's sd only after checking that its own sd images got
 the same detections on the pairs both have (same noise, same model, same code path): the script prints
 that agreement, and leaves the earlier rows out when it is not complete.
 
-    python benchmarks/issue9_table.py runs/shapes-auto --earlier benchmarks/data/shapes-final.jsonl.gz
-    python benchmarks/issue9_table.py runs/shapes-auto --seeds 16-31          # one block of seeds only
-    python benchmarks/issue9_table.py runs/shapes-auto --baseline "auto without binding (default until 2026-11-30)"
-    python benchmarks/issue9_table.py runs/shapes-auto --modes     # how the pictures fail, and which ones change
+    python benchmarks/shapes_table.py runs/shapes-auto --earlier benchmarks/data/shapes-final.jsonl.gz
+    python benchmarks/shapes_table.py runs/shapes-auto --seeds 16-31          # one block of seeds only
+    python benchmarks/shapes_table.py runs/shapes-auto --baseline "auto without binding (default until 2026-11-30)"
+    python benchmarks/shapes_table.py runs/shapes-auto --modes     # how the pictures fail, and which ones change
 
 The auto preset's rows are named by their binding weight (`attnreg` ran with binding 0 and 2, `attnreg-bind`
 with 1); the weight the preset has now is labelled the default.

@@ -5,7 +5,7 @@ loss, binding 2, concentration 2, 20 unit steps), one thread, both timed in the 
 that a busy machine slows both alike. Prints per kind the median milliseconds per call, their ratio, and how far
 the weights are apart (largest per-row L2 difference relative to the row's norm).
 
-    OMP_NUM_THREADS=1 python benchmarks/binding_grad_check.py [--calls 6] [--repeats 5] [--separation 0]
+    OMP_NUM_THREADS=1 python benchmarks/archive/binding_grad_check.py [--calls 6] [--repeats 5] [--separation 0]
 """
 
 from __future__ import annotations
