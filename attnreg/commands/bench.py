@@ -15,11 +15,18 @@ def _add_metric_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blip-model", default=None, help=f"BLIP captioner id or local folder (default {DEFAULT_BLIP})")
     p.add_argument("--owl-model", default=None, help=f"OWLv2/OWL-ViT id or local folder (default {DEFAULT_OWL})")
     p.add_argument("--owl-threshold", type=float, default=None, help="OWL detection score threshold (default 0.1)")
+    p.add_argument("--geneval-detector", default=None, choices=["owlv2", "shapes"],
+                   help="the geneval metric's detector: owlv2 (--owl-model, colours by --clip-model, default "
+                   "openai/clip-vit-large-patch14) or shapes (the embedded world's exact detector) (default owlv2)")
+    p.add_argument("--geneval-threshold", type=float, default=None, help="geneval: detection threshold (default 0.3)")
+    p.add_argument("--geneval-counting-threshold", type=float, default=None,
+                   help="geneval: detection threshold of counting prompts (default 0.9)")
 
 
 def _metric_options(args) -> dict:
     return {"clip_model": args.clip_model, "blip_model": args.blip_model, "owl_model": args.owl_model,
-            "owl_threshold": args.owl_threshold}
+            "owl_threshold": args.owl_threshold, "geneval_detector": args.geneval_detector,
+            "geneval_threshold": args.geneval_threshold, "geneval_counting_threshold": args.geneval_counting_threshold}
 
 
 def bench_options(args) -> dict:

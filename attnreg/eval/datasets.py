@@ -2,7 +2,12 @@
 
     shapes        the embedded coloured-shapes world (attnreg.toy): subsets 1obj, 2obj, 3obj
     ae            the 276 Attend-and-Excite prompts: animal-animal 66, animal-object 144, object-object 66
+    geneval       GenEval's 553 prompts (subsets: its six tags), each with its metadata for the GenEval scorer
+    geneval:PATH  a metadata file in GenEval's format (one {"tag", "prompt", "include", "exclude"} per line)
+    t2i-compbench T2I-CompBench's validation prompts (subsets: its eight categories)
     file:PATH     a .txt file (one prompt per line) or .jsonl ({"prompt": ..., "targets": [...], "subset": ...})
+
+GenEval's and T2I-CompBench's files ship in data/ with their MIT licences (data/NOTICE).
 
 The word lists of the A&E set live here and only here (ANIMALS, OBJECTS, COLOURS).
 """
@@ -11,8 +16,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .geneval import TAGS
 
 
 class DatasetError(ValueError):
@@ -26,6 +34,7 @@ class Prompt:
     subset: str
     dataset: str
     targets_source: str = field(default="given", compare=False)
+    metadata: dict | None = field(default=None, compare=False, hash=False)  # GenEval's line, for its scorer
 
 
 # -- the Attend-and-Excite prompt set (Chefer et al., SIGGRAPH 2023) -------------------------------
@@ -86,6 +95,70 @@ def shapes_prompts(subsets=None, limit: int | None = None) -> list[Prompt]:
     return items
 
 
+# -- GenEval and T2I-CompBench (their files ship in data/, MIT, see data/NOTICE) ----------------------------
+DATA = Path(__file__).parent / "data"
+GENEVAL_FILE = DATA / "geneval" / "evaluation_metadata.jsonl"
+T2I_COMPBENCH_SUBSETS = ("color", "shape", "texture", "spatial", "non_spatial", "complex", "numeracy", "3d_spatial")
+
+
+def geneval_targets(metadata: dict) -> tuple[list[str], str]:
+    """The include clauses' classes as the prompt writes them (GenEval's plurals add "s" or "es": "two
+    clocks" -> "clocks"), each at its last mention ("an orange orange" -> "orange#2"). When a class is not
+    in the prompt: the prompt's automatic targets."""
+    from attnreg.tokens import auto_targets
+
+    text = metadata["prompt"].lower()
+    targets = []
+    for clause in metadata["include"]:
+        found = list(re.finditer(rf"\b{re.escape(clause['class'].lower())}(?:s|es)?\b", text))
+        if not found:
+            return auto_targets(metadata["prompt"])
+        last = found[-1]
+        nth = len(re.findall(rf"\b{re.escape(last.group(0))}\b", text[: last.end()]))
+        target = last.group(0) if nth == 1 else f"{last.group(0)}#{nth}"
+        if target not in targets:
+            targets.append(target)
+    return targets, "metadata"
+
+
+def geneval_prompts(path: str | Path = GENEVAL_FILE, name: str = "geneval") -> list[Prompt]:
+    """One item per metadata line, its subset the line's tag; the line is checked here, before anything runs."""
+    from .geneval import GenEvalError, check_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"GenEval metadata file {str(path)!r} does not exist")
+    items = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            metadata = check_metadata(json.loads(line), where)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{where}: not valid JSON ({err.msg}): {line.strip()[:80]!r}") from None
+        except GenEvalError as err:
+            raise DatasetError(str(err)) from None
+        targets, source = geneval_targets(metadata)
+        items.append(Prompt(metadata["prompt"], tuple(targets), metadata["tag"], name, source, metadata))
+    if not items:
+        raise DatasetError(f"GenEval metadata file {str(path)!r} holds no prompts")
+    return items
+
+
+def t2i_compbench_prompts(subsets=None) -> list[Prompt]:
+    """The validation prompts of each category (file <category>_val.txt); targets: the automatic ones."""
+    from attnreg.tokens import auto_targets
+
+    items = []
+    for subset in subsets or T2I_COMPBENCH_SUBSETS:
+        for line in (DATA / "t2i-compbench" / f"{subset}_val.txt").read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                targets, source = auto_targets(line.strip())
+                items.append(Prompt(line.strip(), tuple(targets), subset, "t2i-compbench", source))
+    return items
+
+
 # -- prompt files -------------------------------------------------------------------------------------
 def file_prompts(path: str | Path, name: str) -> list[Prompt]:
     """.txt: one prompt per line (blank lines and lines starting with # are skipped), targets found by
@@ -136,7 +209,8 @@ def file_prompts(path: str | Path, name: str) -> list[Prompt]:
     return items
 
 
-DATASETS = {"shapes": tuple(SHAPES_SUBSETS), "ae": AE_SUBSETS, "file:PATH": ("all", "or the subsets named in the file")}
+DATASETS = {"shapes": tuple(SHAPES_SUBSETS), "ae": AE_SUBSETS, "geneval": TAGS, "t2i-compbench": T2I_COMPBENCH_SUBSETS,
+            "geneval:PATH": ("its tags",), "file:PATH": ("all", "or the subsets named in the file")}
 
 
 def load_dataset(spec: str, subsets: list[str] | None = None, limit: int | None = None) -> list[Prompt]:
@@ -149,10 +223,21 @@ def load_dataset(spec: str, subsets: list[str] | None = None, limit: int | None 
         if subsets:
             _check_subsets(spec, subsets, SHAPES_SUBSETS)
         items = shapes_prompts(subsets, limit)
+    elif spec == "geneval":
+        if subsets:
+            _check_subsets(spec, subsets, TAGS)
+        items = geneval_prompts()
+    elif spec.startswith("geneval:"):
+        items = geneval_prompts(spec[len("geneval:"):], spec)
+    elif spec == "t2i-compbench":
+        if subsets:
+            _check_subsets(spec, subsets, T2I_COMPBENCH_SUBSETS)
+        items = t2i_compbench_prompts(subsets)
     elif spec.startswith("file:"):
         items = file_prompts(spec[len("file:"):], spec)
     else:
-        raise DatasetError(f"unknown data set {spec!r}; valid: shapes, ae, file:PATH (.txt or .jsonl)")
+        raise DatasetError(f"unknown data set {spec!r}; valid: shapes, ae, geneval, t2i-compbench, "
+                           "geneval:PATH (GenEval's metadata format), file:PATH (.txt or .jsonl)")
     if subsets:
         _check_subsets(spec, subsets, {p.subset for p in items})
         items = [p for p in items if p.subset in subsets]

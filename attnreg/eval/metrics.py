@@ -9,6 +9,7 @@ Wilson interval).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -94,6 +95,17 @@ def check_metric_models(names: list[str], **options) -> None:
                 _load(kind, str(value), option, lambda n: AutoConfig.from_pretrained(n))
 
 
+def check_metric_records(names: list[str], records: list[dict], **options) -> None:
+    """Before any image is made: each metric applies to some of the items (records as far as they are known
+    then: prompt, dataset, metadata) and refuses none of them."""
+    for name in names:
+        metric = METRICS[name](**{k: v for k, v in options.items() if v is not None})
+        if records and not any(metric.applies(r) for r in records):
+            raise MetricError(f"metric {name} applies to none of the {len(records)} prompts of data set "
+                              f"{records[0].get('dataset')!r} ({metric.description})")
+        metric.check(records)
+
+
 def split_prompt(prompt: str) -> list[str]:
     """A&E's halves: split on " and ", else on " with "; the whole prompt when neither occurs."""
     for sep in (" and ", " with "):
@@ -133,6 +145,9 @@ class Metric:
 
     def score(self, records: list[dict], images: list[Image.Image]) -> list[dict]:
         raise NotImplementedError
+
+    def check(self, records: list[dict]) -> None:
+        """Refuse, before any image is made or scored, records this metric could not score (MetricError)."""
 
 
 @register_metric
@@ -288,6 +303,65 @@ class Owl(Metric):
         return out
 
 
+@register_metric
+class GenEval(Metric):
+    name = "geneval"
+    description = ("GenEval's rules (classes, counts, colours, positions) on a pluggable detector (--geneval-detector "
+                   "owlv2 or shapes); records with GenEval metadata (--dataset geneval or geneval:PATH)")
+
+    def settings(self):
+        from .detectors import BACKENDS, DEFAULT_GENEVAL_CLIP, OWL_MIN_SCORE, OWL_NMS_IOU
+        from .geneval import COUNTING_THRESHOLD, MAX_OBJECTS, NO_NMS, POSITION_MARGIN, THRESHOLD
+
+        o = self.options
+        detector = o.get("geneval_detector") or "owlv2"
+        if detector not in BACKENDS:
+            raise MetricError(f"unknown GenEval detector {detector!r}; valid: {', '.join(BACKENDS)}")
+        given = {k: o.get(f"geneval_{k}") for k in ("threshold", "counting_threshold")}
+        s = {"detector": detector, "threshold": float(THRESHOLD if given["threshold"] is None else given["threshold"]),
+             "counting_threshold": float(COUNTING_THRESHOLD if given["counting_threshold"] is None
+                                         else given["counting_threshold"]),
+             "max_objects": MAX_OBJECTS, "max_overlap": NO_NMS, "position_margin": POSITION_MARGIN}
+        if detector == "owlv2":
+            s.update(owl_model=str(o.get("owl_model") or DEFAULT_OWL), owl_nms_iou=OWL_NMS_IOU, owl_min_score=OWL_MIN_SCORE,
+                     clip_model=str(o.get("clip_model") or DEFAULT_GENEVAL_CLIP), colour_crop="box, no mask")
+        return s
+
+    def applies(self, record):
+        return bool((record.get("metadata") or {}).get("include"))
+
+    def check(self, records: list[dict]) -> None:
+        """Every line's classes are ones the detector looks for (before any image is made or scored)."""
+        from .detectors import backend_classes
+        from .geneval import GenEvalError, check_classes
+
+        detector = self.settings()["detector"]
+        classes = backend_classes(detector)
+        for record in records:
+            if self.applies(record):
+                try:
+                    check_classes(record["metadata"], classes, detector)
+                except GenEvalError as err:
+                    raise MetricError(f"metric geneval: {err}") from None
+
+    def score(self, records, images):
+        from .detectors import make_backend
+        from .geneval import evaluate, keep
+
+        s = self.settings()
+        if not hasattr(self, "backend"):
+            self.backend = make_backend(s, self.device)
+        out = []
+        for record, image, raw in zip(records, images, self.backend.detect(images)):
+            meta = record["metadata"]
+            objects = keep(raw, meta["tag"], s["threshold"], s["counting_threshold"], s["max_objects"], s["max_overlap"])
+            correct, reasons = evaluate(meta, objects, lambda name, dets, im=image: self.backend.colours(im, name, dets),
+                                        s["position_margin"])
+            out.append({"correct": correct, "tag": meta["tag"], "reason": "; ".join(reasons), "detector": s["detector"],
+                        "detections": {k: [[*map(float, d.box), d.score] for d in v] for k, v in objects.items()}})
+        return out
+
+
 def scores_path(out: Path, metric: Metric) -> Path:
     return Path(out) / "scores" / f"{metric.name}-{stable_hash(metric.name, metric.settings())[:6]}.json"
 
@@ -308,11 +382,68 @@ def load_scores(out: Path) -> dict[str, dict]:
     return {name: data for name, (_, data) in found.items()}
 
 
+def journal_path(path: Path) -> Path:
+    """Beside a scores file: one line per item scored since the file was last written, so that a scorer
+    killed between two writes resumes without scoring any image twice."""
+    return path.with_name(path.stem + ".partial.jsonl")
+
+
+def read_scores(path: Path, metric: Metric) -> dict:
+    """The scores file with its journal's items added (a line cut by a kill is ignored)."""
+    data = {"metric": metric.name, "settings": metric.settings(), "items": {}}
+    if path.is_file():
+        data = json.loads(path.read_text())
+    journal = journal_path(path)
+    if journal.is_file():
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            data["items"][row["key"]] = row["values"]
+    return data
+
+
+def write_scores(path: Path, data: dict) -> None:
+    atomic_write_json(path, data)
+    journal_path(path).unlink(missing_ok=True)  # after the write: a kill in between only repeats its items
+
+
+def _score_items(out: Path, metric: Metric, path: Path, data: dict, todo: list[dict], progress: bool,
+                 flush_every: float) -> None:
+    """Score `todo` into data["items"]: each batch is appended to the journal at once, the file is
+    rewritten every `flush_every` seconds and at the end, also when interrupted."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"score {metric.name}", unit="img", disable=not progress, file=sys.stderr)
+    last = time.monotonic()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for start in range(0, len(todo), metric.batch_size):
+            batch = todo[start : start + metric.batch_size]
+            images = []
+            for r in batch:
+                with Image.open(out / r["image"]) as im:
+                    images.append(im.convert("RGB"))
+            values = metric.score(batch, images)
+            with open(journal_path(path), "a", encoding="utf-8") as journal:
+                for r, v in zip(batch, values):
+                    data["items"][r["key"]] = v
+                    journal.write(json.dumps({"key": r["key"], "values": v}) + "\n")
+                journal.flush()
+                os.fsync(journal.fileno())
+            bar.update(len(batch))
+            if time.monotonic() - last > flush_every:
+                write_scores(path, data)
+                last = time.monotonic()
+    finally:
+        bar.close()
+        write_scores(path, data)
+
+
 def score_dir(out, metrics, device: str = "cpu", progress: bool = True, flush_every: float = 20.0, **options) -> dict:
     """Score every complete record of `out` with `metrics`; items already scored are skipped.
     Returns {metric: {"scored": n, "skipped": n, "not_applicable": n, "file": path}}."""
-    from tqdm.auto import tqdm
-
     out = check_folder(out)
     names = parse_metrics(metrics)
     check_metrics(names)
@@ -322,33 +453,18 @@ def score_dir(out, metrics, device: str = "cpu", progress: bool = True, flush_ev
         warnings.warn(f"attnreg score: {missing_images_note(out, no_image)}", stacklevel=2)
     if not records:
         raise MetricError(f"{out} holds no finished benchmark records (run `attnreg bench` first)")
+    made = {name: METRICS[name](device=device, **{k: v for k, v in options.items() if v is not None}) for name in names}
+    for metric in made.values():  # every metric's refusal before the first is scored
+        metric.check(records)
     summary = {}
-    for name in names:
-        metric = METRICS[name](device=device, **{k: v for k, v in options.items() if v is not None})
+    for name, metric in made.items():
         path = scores_path(out, metric)
-        data = {"metric": name, "settings": metric.settings(), "items": {}}
-        if path.is_file():
-            data = json.loads(path.read_text())
+        data = read_scores(path, metric)
         todo = [r for r in records if metric.applies(r) and r["key"] not in data["items"]]
         n_na = sum(not metric.applies(r) for r in records)
         if n_na == len(records):
             raise MetricError(f"metric {name} applies to none of the {len(records)} records of {out} ({metric.description})")
-        bar = tqdm(total=len(todo), desc=f"score {name}", unit="img", disable=not progress, file=sys.stderr)
-        last = time.monotonic()
-        for start in range(0, len(todo), metric.batch_size):
-            batch = todo[start : start + metric.batch_size]
-            images = []
-            for r in batch:
-                with Image.open(out / r["image"]) as im:
-                    images.append(im.convert("RGB"))
-            for r, values in zip(batch, metric.score(batch, images)):
-                data["items"][r["key"]] = values
-            bar.update(len(batch))
-            if time.monotonic() - last > flush_every:
-                atomic_write_json(path, data)
-                last = time.monotonic()
-        bar.close()
-        atomic_write_json(path, data)
+        _score_items(out, metric, path, data, todo, progress, flush_every)
         summary[name] = {"scored": len(todo), "skipped": len(records) - len(todo) - n_na, "not_applicable": n_na,
                          "no_image": no_image, "file": str(path)}
         print(f"attnreg score: {name}: {len(todo)} scored, {summary[name]['skipped']} already scored, "

@@ -17,7 +17,7 @@ from .metrics import load_scores
 from .stats import extra_objects, method_labels, method_order, paired_comparison, summarise
 
 # The headline value of each metric comes first in the tables and the chart.
-PRIMARY = ("detect.success", "owl.all_found", "clip.full", "clip.min_object", "blip.text_text")
+PRIMARY = ("detect.success", "geneval.correct", "owl.all_found", "clip.full", "clip.min_object", "blip.text_text")
 
 
 def _fmt(s: dict, digits: int = 3) -> str:
@@ -73,6 +73,7 @@ def write_report(out: str | Path) -> Path:
     lines = _header(out, records, scores)
     if no_image:
         lines[-3:-3] = [f"- left out for want of an image: {len(no_image)} record(s): {', '.join(no_image)}"]
+    lines += _geneval(records, scores)
     lines += _tables(table, columns)
     lines += _paired(out, records, scores, columns)
     chart = out / "report_metrics.png"
@@ -100,6 +101,23 @@ def _header(out: Path, records: list[dict], scores: dict) -> list[str]:
     lines += ["", "Rates (%) with Wilson 95 % intervals; means with Student-t 95 % intervals; "
               "overhead = mean seconds per image / that of `sd` in the same subset - 1.", ""]
     return lines
+
+
+def _geneval(records: list[dict], scores: dict) -> list[str]:
+    """GenEval's own summary per method, when the folder has geneval scores."""
+    from .geneval import summary_lines
+
+    data = scores.get("geneval")
+    if not data:
+        return []
+    label = method_labels(records)
+    by_method: dict[str, list] = {}
+    for r in records:
+        values = data["items"].get(r["key"])
+        if values is not None:
+            by_method.setdefault(label(r), []).append({"prompt": r["prompt"], "tag": values["tag"],
+                                                        "correct": values["correct"]})
+    return summary_lines({m: by_method[m] for m in method_order(by_method)}, data.get("settings", {}))
 
 
 def _tables(table: dict, columns: list[str]) -> list[str]:

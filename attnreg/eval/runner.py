@@ -284,7 +284,11 @@ def plan_items(opts: BenchmarkOptions) -> Plan:
     """Load and check everything, make the methods, and list this process's items (pending: not done)."""
     from attnreg.tokens import resolve_targets
 
+    from .metrics import check_metric_records
+
     prompts = load_dataset(opts.dataset, opts.subsets, opts.limit)
+    check_metric_records(opts.metrics, [{"prompt": p.prompt, "dataset": p.dataset, "metadata": p.metadata}
+                                        for p in prompts], **opts.metric_options)
     pipe, state, device, run = _load(opts)
     for p in prompts:
         if not p.targets:
@@ -380,6 +384,7 @@ def make_record(plan: Plan, it: Item, seconds: float) -> dict:
         "versions": versions(), "dtype": plan.run["dtype"], "model_source": model_source(plan.pipe),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **full_config(plan.made[it.method]),
+        **({} if p.metadata is None else {"metadata": p.metadata}),
     }
 
 
