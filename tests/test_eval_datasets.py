@@ -37,7 +37,7 @@ def test_limit_and_subsets():
 
 
 def test_unknown_dataset():
-    with pytest.raises(DatasetError, match="shapes, ae, file:PATH"):
+    with pytest.raises(DatasetError, match="valid: shapes, ae, geneval, t2i-compbench, geneval:PATH .*, file:PATH"):
         load_dataset("coco")
 
 
