@@ -11,7 +11,8 @@ from .common import MODEL_HELP, add_sampling_args, add_threads_arg, model_name, 
 def _add_metric_model_args(p: argparse.ArgumentParser) -> None:
     from ..eval.metrics import DEFAULT_BLIP, DEFAULT_CLIP, DEFAULT_OWL
 
-    p.add_argument("--clip-model", default=None, help=f"CLIP id or local folder for clip and blip (default {DEFAULT_CLIP})")
+    p.add_argument("--clip-model", default=None, help=f"CLIP id or local folder for clip and blip (default {DEFAULT_CLIP}) "
+                   "and geneval's colours (default openai/clip-vit-large-patch14)")
     p.add_argument("--blip-model", default=None, help=f"BLIP captioner id or local folder (default {DEFAULT_BLIP})")
     p.add_argument("--owl-model", default=None, help=f"OWLv2/OWL-ViT id or local folder (default {DEFAULT_OWL})")
     p.add_argument("--owl-threshold", type=float, default=None, help="OWL detection score threshold (default 0.1)")
