@@ -65,6 +65,9 @@ class MMDiTConfig(Config):
     zero_column_counts: tuple = (256,)  # the zero (T5) columns a caption is trained with, one drawn per caption
     max_sequence_length: int = 256  # the call the model is made for (attnreg.json); the pipeline's default
     flow_shift: float = 1.0  # FlowMatchEulerDiscreteScheduler shift, training and sampling
+    pooled: bool = True  # False: both text projections zero and frozen, so the pooled vector is 0 and the prompt
+    #                      reaches the image only through the joint attention's text columns
+    init: str = ""  # an exported toy MMDiT pipeline folder whose transformer and text encoders the run starts from
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mmdit_steps: int = 3600  # the shipped run's first schedule; README.md says how it was continued to 10,000
@@ -114,6 +117,23 @@ def build_text_encoders(cfg: MMDiTConfig):
     return (build_text_encoder(cfg, projection=True),
             build_text_encoder(cfg, cfg.text2_hidden, cfg.text2_layers, cfg.text2_heads, cfg.text2_intermediate,
                                projection=True))
+
+
+def prepare_modules(cfg: MMDiTConfig, transformer, te1, te2) -> None:
+    """Apply `cfg.init` (start from an exported pipeline's weights) and `cfg.pooled` to freshly built modules."""
+    if cfg.init:
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection
+
+        root = Path(cfg.init)
+        transformer.load_state_dict(SD3Transformer2DModel.from_pretrained(root / "transformer").state_dict())
+        for module, sub in ((te1, "text_encoder"), (te2, "text_encoder_2")):
+            saved = CLIPTextModelWithProjection.from_pretrained(root / sub, torch_dtype=torch.float32)
+            module.load_state_dict({k: v.float() for k, v in saved.state_dict().items()})
+    if not cfg.pooled:
+        for module in (te1, te2):
+            module.text_projection.weight.data.zero_()
+            module.text_projection.requires_grad_(False)
 
 
 def flow_scheduler(cfg: MMDiTConfig):
@@ -199,6 +219,7 @@ def train_mmdit(cfg: MMDiTConfig, out: Path, losses: LossLog, ckpt_seconds: floa
     log(f"mmdit: pool of {len(lat)} latents, scaling factor {scale:.4f}")
     transformer = build_transformer(cfg, lat.shape[-1])
     te1, te2 = build_text_encoders(cfg)
+    prepare_modules(cfg, transformer, te1, te2)
     zero_columns = use_zero_columns(transformer, max(cfg.zero_column_counts))
     sched, capt = flow_scheduler(cfg), Captioner(cfg)
     export_fn = None

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ..files import atomic_write
 from ..geometry import blocks_by_resolution
+from ..options import parse_bool
 from .world import COLOUR_NAMES, SHAPES, caption, random_scene, render
 
 PHASES = ("vae", "latents", "unet", "mmdit")  # step_rng seeds by the index: append only
@@ -630,7 +631,14 @@ def main(argv=None) -> int:
     for kv in a.set:
         k, v = kv.split("=", 1)
         cur = getattr(cfg, k)
-        setattr(cfg, k, tuple(int(x) for x in v.split(",")) if isinstance(cur, tuple) else type(cur)(v))
+        if isinstance(cur, bool):  # bool("false") is True
+            try:
+                value = parse_bool(v)
+            except ValueError as err:
+                ap.error(f"--set {k}: {err}")
+        else:
+            value = tuple(int(x) for x in v.split(",")) if isinstance(cur, tuple) else type(cur)(v)
+        setattr(cfg, k, value)
     saved.write_text(json.dumps(asdict(cfg), indent=2))
     torch.set_num_threads(a.threads or cfg.threads)
     _STOP["flag"] = False  # a stop belongs to one run (cleared before the handlers can set it)
