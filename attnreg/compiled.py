@@ -36,9 +36,9 @@ def wanted(choice: str, device: torch.device) -> bool:
 
 def editor(config):
     """What `regulate_step` should call for its `edit`: None (the eager `edit_group`) unless `config` takes
-    the fast solver and may compile; then `compiled_edit` with the config's choice. The binding solver
-    (autograd) is never compiled: `regulate_step` sends groups with modifiers to the eager path."""
-    if config.compile == "off" or not config.fast or config.loss != "relative":
+    the relative loss's solver and may compile; then `compiled_edit` with the config's choice. The binding
+    solver is never compiled: `regulate_step` sends groups with modifiers to the eager path."""
+    if config.compile == "off" or config.loss != "relative":
         return None
     return functools.partial(compiled_edit, config.compile)
 

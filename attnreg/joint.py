@@ -475,7 +475,7 @@ class JointAttentionRegulator(AttentionRegulator):
             check_pipeline(pipe)  # the error naming what is supported
             raise UnsupportedPipelineError(f"{type(pipe).__name__} has no joint attention; use AttentionRegulator")
         self.pipe = pipe
-        self.config = config or RegulationConfig.from_preset("auto")
+        self.config = config or RegulationConfig()
         self.stream = choose_text_stream(pipe, self.family, text_stream)
         layers = self.config.layers
         if layers is None and self.config.layer_choice == "calibrated":

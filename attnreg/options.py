@@ -16,7 +16,7 @@ MAX_SEEDS = 1_000_000  # a range longer than this is a typo, not a job
 
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 BOOLEAN_TYPE = "a boolean (true/false, 1/0, yes/no)"
-NOT_OPTIONS = {"preset": "choose the preset with --preset"}  # fields that name a configuration, not tune one
+NOT_OPTIONS = {"preset": "choose the preset with --preset"}  # names a configuration, not a tuning
 
 
 class OptionError(ValueError):
@@ -123,6 +123,10 @@ def config_option(option: str, text: str, method: str = "") -> object:
     pair = f"--set {method + '.' if method else ''}{option}={text}"
     if option in NOT_OPTIONS:
         raise OptionError(f"{pair}: {option} is not an option; {NOT_OPTIONS[option]}")
+    from .config import REMOVED_OPTIONS
+
+    if option in REMOVED_OPTIONS:
+        raise OptionError(f"{pair}: option {option} was removed: {REMOVED_OPTIONS[option]}")
     kind = config_types().get(option)
     if kind is None:
         return option_value(text)
@@ -133,7 +137,8 @@ def config_option(option: str, text: str, method: str = "") -> object:
 
 
 def config_options(pairs: list[str]) -> dict:
-    """["binding=0", "fast=false"] -> {"binding": 0.0, "fast": False}, each value by its field's type."""
+    """["binding=0", "restore_special=false"] -> {"binding": 0.0, "restore_special": False}, each value by its
+    field's type."""
     out = {}
     for pair in pairs:
         option, sep, value = pair.partition("=")

@@ -139,7 +139,7 @@ class RegulatedAttnProcessor:
                 # and an explicit softmax differ in the last bits); the probabilities are made on the side.
                 self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, False, observers, True)
             return output
-        if state.config.fast and not observers:
+        if state.config.loss == "relative" and not observers:  # the release computes the whole batch explicitly
             return self._conditional_only(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         output = self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, edit, observers)
         if output is UNCHANGED:

@@ -91,7 +91,7 @@ def pipeline_default(pipe, name: str):
 class AttentionRegulator:
     """Attention Regulation around a StableDiffusionPipeline or StableDiffusionXLPipeline.
 
-        reg = AttentionRegulator(pipe, RegulationConfig())
+        reg = AttentionRegulator(pipe)  # RegulationConfig(): the default; RegulationConfig.paper(): the release
         image = reg("a cat and a dog", targets=["cat", "dog"], generator=g).images[0]
         reg.remove()
 
@@ -112,8 +112,7 @@ class AttentionRegulator:
     def __init__(self, pipe, config: RegulationConfig | None = None):
         check_pipeline(pipe)
         self.pipe = pipe
-        self.config = config or RegulationConfig.from_preset("auto")  # the default preset (the dataclass's own
-        # defaults are the `paper` preset's constants)
+        self.config = config or RegulationConfig()
         layers = self.config.layers
         if layers is None and self.config.layer_choice == "calibrated":
             from .calibrate import calibrated_layers

@@ -9,12 +9,9 @@ Two models:
     SDPA; the `-every` rows switch the gate off (neglect_ratio=None) to show the cost of a call that is
     edited, the worst case.
   --model embedded: the embedded shapes model (attnreg.toy), 50 steps at 64 x 64, 2 two-object and 2
-    three-object prompts, the calibrated layer: issue 12's first row.
+    three-object prompts, the calibrated layer.
 
-Methods: sd; auto (the default, fast path on); auto-exact (fast=False, issue 9's solver); paper; and on
-request auto-every / auto-exact-every, auto-no-concentration (binding 2 alone, the default before 2026-12-01), auto-fast-binding
-(fast_binding=True), auto-closed-form / auto-autograd (closed_form on / off: the binding solver's gradient by hand or
-by autograd), and
+Methods: sd; auto (the default); paper; and on request auto-every, auto-no-concentration (binding 2 alone) and
 auto-compiled(-every) (compile="on": torch.compile also on CPU; no
 dispatch-mode operator count, since torch.compile does not run under one: benchmarks/archive/compiled_edit.py
 counts the edit's launches alone; the profiler column counts them in the whole pipeline). They are timed in turn within each repeat (drift hits all alike);
@@ -51,8 +48,7 @@ from attnreg import AttentionRegulator, RegulationConfig
 from attnreg.tokenizer import load_clip_tokenizer
 
 PROMPT, TARGETS = "a painting of an elephant with glasses", ["elephant", "glasses"]
-METHODS = ("sd", "auto", "auto-exact", "paper", "auto-every", "auto-exact-every", "auto-compiled", "auto-compiled-every",
-           "auto-no-concentration", "auto-fast-binding", "auto-closed-form", "auto-autograd")
+METHODS = ("sd", "auto", "paper", "auto-every", "auto-compiled", "auto-compiled-every", "auto-no-concentration")
 
 
 def sd15_pipeline(device: str, dtype: torch.dtype):
@@ -170,16 +166,10 @@ def embedded_prompts() -> list[tuple[str, list[str]]]:
 def config_of(method: str, layers) -> RegulationConfig:
     preset = "paper" if method == "paper" else "auto"
     overrides = {} if layers is None else {"layers": layers}
-    if method.startswith("auto-exact"):
-        overrides.update(fast=False, closed_form=False)  # issue 9's solver, as --exact gives it
     if method.startswith("auto-compiled"):
         overrides["compile"] = "on"  # torch.compile on any device; its warm-up call pays the compiling
-    if method == "auto-fast-binding":
-        overrides["fast_binding"] = True  # the binding solver in 14 growing steps (an option, off by default)
-    if method in ("auto-closed-form", "auto-autograd"):
-        overrides["closed_form"] = method == "auto-closed-form"
     if method == "auto-no-concentration":
-        overrides["concentration"] = 0.0  # the default of 2026-11-30 night (binding 2 alone)
+        overrides["concentration"] = 0.0  # binding 2 alone
     if method.endswith("-every"):
         overrides["neglect_ratio"] = None  # every call edited
     return RegulationConfig.from_preset(preset, **overrides)
@@ -219,7 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None, help="image size (default: 512 for sd15, 64 for embedded)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated, from {', '.join(METHODS)} (default: sd,auto,auto-exact,paper; sd15 adds the -every rows)")
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: sd,auto,paper; sd15 adds auto-every)")
     p.add_argument("--no-count", action="store_true", help="skip the operator count")
     p.add_argument("--no-time", action="store_true", help="no timed runs")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
@@ -227,7 +217,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.steps = args.steps or (50 if args.model == "embedded" else 4)
     args.size = args.size or (64 if args.model == "embedded" else 512)
-    default = ["sd", "auto", "auto-exact", "paper"] + (["auto-every", "auto-exact-every"] if args.model == "sd15" else [])
+    default = ["sd", "auto", "paper"] + (["auto-every"] if args.model == "sd15" else [])
     args.methods = [m.strip() for m in args.methods.split(",")] if args.methods else default
     bad = [m for m in args.methods if m not in METHODS]
     if bad or "sd" not in args.methods:

@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from oracles import (autograd_rows_bound, bound_loss, concentration_loss, relative_loss,
+                     relative_loss_and_grad)
+
 from attnreg import AttentionRegulator, RegulationConfig
 from attnreg.calibrate import (
     CalibrationError, atomic_write_json, cached_calibration_path, calibrate, find_calibration, write_calibration,
@@ -13,8 +16,8 @@ from attnreg.calibrate import (
 from attnreg.config import ConfigError
 from attnreg.regulation import neglected
 from attnreg.regulation import (
-    BoundTerms, RelativeLoss, bound_loss, bound_loss_and_grad, gaussian_bases, offsets_from_weights, optimise_rows,
-    optimise_rows_bound, reference_levels, relative_loss, relative_loss_and_grad, spread, target_probs,
+    BoundTerms, RelativeLoss, bound_loss_and_grad, gaussian_bases, offsets_from_weights, optimise_rows, optimise_rows_bound,
+    reference_levels, spread, step_sizes, target_probs,
 )
 from attnreg.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -50,11 +53,11 @@ def test_solver_lowers_each_row_and_a_batch_equals_single_rows():
     logits, rest, bases = problem(b=4)
     ref_high, ref_mean = reference_levels(target_probs(logits, rest, torch.zeros_like(logits)))
     init = torch.zeros(4, 49, 2, dtype=torch.float64)
-    together = optimise_rows(logits, rest, bases, init, ref_high, ref_mean, iterations=20, lr=1.0)
+    together = optimise_rows(logits, rest, bases, init, ref_high, ref_mean, step_sizes(20, 1.0))
     assert (together.loss < together.initial_loss).all()
     for row in range(4):
         alone = optimise_rows(logits[row:row + 1], rest[row:row + 1], bases, init[row:row + 1],
-                              ref_high[row:row + 1], ref_mean[row:row + 1], iterations=20, lr=1.0)
+                              ref_high[row:row + 1], ref_mean[row:row + 1], step_sizes(20, 1.0))
         torch.testing.assert_close(alone.weights[0], together.weights[row])
 
 
@@ -64,7 +67,8 @@ def test_level_targets_are_left_alone():
     logits, rest, bases = problem(n=1)
     logits = logits.expand(-1, -1, 2).contiguous()
     ref_high, ref_mean = reference_levels(target_probs(logits, rest, torch.zeros_like(logits)))
-    result = optimise_rows(logits, rest, bases, torch.zeros(6, 49, 2, dtype=torch.float64), ref_high, ref_mean)
+    result = optimise_rows(logits, rest, bases, torch.zeros(6, 49, 2, dtype=torch.float64), ref_high, ref_mean,
+                           step_sizes(20, 1.0))
     assert float(result.loss.abs().max()) < 1e-12
     assert float(result.weights.abs().max()) < 1e-6
     maps = target_probs(logits, rest, torch.zeros_like(logits)).reshape(2, 3, 64, 2)
@@ -223,33 +227,8 @@ def test_binding_option_pairs_modifiers_and_lowers_its_loss():
         RegulationConfig.from_preset("paper", binding=1.0)
 
 
-def test_separation_option_pushes_two_nouns_apart():
-    from attnreg.regulation import needs_autograd, optimise_rows_bound, separation_loss
-
-    maps = torch.zeros(1, 4, 2)
-    maps[0, :2, 0] = maps[0, 2:, 1] = 0.5  # disjoint
-    assert float(separation_loss(maps, (0, 1))) == pytest.approx(0.0, abs=1e-6)
-    assert float(separation_loss(maps[..., [0, 0]], (0, 1))) == pytest.approx(1.0)  # the same map
-    logits, rest, bases = problem(b=3, n=2)
-    probs = target_probs(logits, rest, torch.zeros_like(logits))
-    ref_high, ref_mean = reference_levels(probs)
-    args = (logits.float(), rest.float(), bases.float(), torch.zeros(3, 49, 2), ref_high, ref_mean, (), 2, 0.0)
-    plain = optimise_rows_bound(*args)
-    apart = optimise_rows_bound(*args, separation=5.0)
-    after = target_probs(logits, rest, offsets_from_weights(apart.weights, bases))
-    before = target_probs(logits, rest, offsets_from_weights(plain.weights, bases))
-    assert (separation_loss(after, (0, 1)) < separation_loss(before, (0, 1))).all()
-    config = RegulationConfig.from_preset("auto", separation=1.0)
-    assert needs_autograd((), 2, config) and not needs_autograd((), 1, config)
-    assert "separation" not in RegulationConfig.from_preset("auto").to_dict()  # earlier hashes unchanged
-    with pytest.raises(ConfigError, match="separation"):
-        RegulationConfig.from_preset("auto", separation=-1.0)
-    with pytest.raises(ConfigError, match="separation needs"):
-        RegulationConfig.from_preset("paper", separation=1.0)
-
-
 def test_concentration_option_gathers_a_split_map():
-    from attnreg.regulation import concentration_loss, needs_autograd, optimise_rows_bound, spread
+    from attnreg.regulation import takes_binding_solver
 
     one, two = torch.zeros(1, 64, 1), torch.zeros(1, 64, 1)
     one[0, [27, 28, 35, 36], 0] = 0.25  # one blob in the middle of an 8 x 8 map
@@ -265,12 +244,10 @@ def test_concentration_option_gathers_a_split_map():
     after = target_probs(logits, rest, offsets_from_weights(gathered.weights, bases))
     before = target_probs(logits, rest, offsets_from_weights(plain.weights, bases))
     assert (spread(after, (8, 8)) < spread(before, (8, 8))).all()
-    config = RegulationConfig.from_preset("auto", concentration=1.0)
-    assert needs_autograd(((2, 0),), 2, config)  # a term of the binding solver...
-    assert not needs_autograd((), 2, config)  # ...which groups without modifiers do not take (fast path)
-    assert RegulationConfig.from_preset("auto").concentration == 2.0  # the default since 2026-12-01
-    assert "concentration" not in config.replace(concentration=0.0).to_dict()  # earlier hashes unchanged
-    assert not needs_autograd(((2, 0),), 2, config.replace(binding=0.0))  # binding off switches it off too
+    config = RegulationConfig(concentration=1.0)
+    assert takes_binding_solver(((2, 0),), config)  # a term of the binding solver...
+    assert not takes_binding_solver((), config)  # ...which groups without modifiers do not take
+    assert not takes_binding_solver(((2, 0),), config.replace(binding=0.0))  # binding off switches it off too
     with pytest.raises(ConfigError, match="concentration"):
         RegulationConfig.from_preset("auto", concentration=-1.0)
     with pytest.raises(ConfigError, match="concentration needs"):
@@ -286,9 +263,9 @@ def test_concentration_option_gathers_a_split_map():
     assert not np.array_equal(out, call(concentration=0.0))
 
 
-# -- the binding solver's closed-form gradient (bound_loss_and_grad) against autograd on bound_loss -------------
+# -- the binding solver's closed-form gradient (bound_loss_and_grad) against autograd on bound_loss ----
 
-AUTO_LOSS = RelativeLoss(1.0, 1.0, 0.01, 0.9, 2.0)  # the auto preset's
+AUTO_LOSS = RegulationConfig().loss_weights
 
 
 def bound_problem(n_nouns, n, seed=0, dtype=torch.float64):
@@ -304,13 +281,13 @@ def bound_problem(n_nouns, n, seed=0, dtype=torch.float64):
     return [x.to(dtype) for x in (logits, rest, gaussian_bases(8, dtype=torch.float64))], [x.to(dtype) for x in refs]
 
 
-def bound_grads(n_nouns, n, pairs, binding, separation, concentration, w_scale, dtype=torch.float64, logits_edit=None):
+def bound_grads(n_nouns, n, pairs, binding, concentration, w_scale, dtype=torch.float64, logits_edit=None):
     """(autograd value, autograd gradient, closed-form value, closed-form gradient) at one w."""
     (logits, rest, bases), (ref_high, ref_mean, reference) = bound_problem(n_nouns, n, dtype=dtype)
     if logits_edit is not None:
         logits_edit(logits)
     w = torch.randn(8, 49, n, generator=torch.Generator().manual_seed(1), dtype=dtype) * w_scale
-    terms = BoundTerms(ref_high, ref_mean, pairs, n_nouns, binding, AUTO_LOSS, separation, concentration, reference, (8, 8))
+    terms = BoundTerms(ref_high, ref_mean, pairs, n_nouns, binding, AUTO_LOSS, concentration, reference, (8, 8))
     w_ = w.clone().requires_grad_(True)
     value = bound_loss(logits, rest, bases, w_, terms)
     (expected,) = torch.autograd.grad(value.sum(), w_)
@@ -318,17 +295,16 @@ def bound_grads(n_nouns, n, pairs, binding, separation, concentration, w_scale, 
 
 
 @pytest.mark.parametrize("w_scale", [0.0, 0.5], ids=["w0", "wrandom"])
-@pytest.mark.parametrize("n_nouns,n,pairs,separation,concentration", [
-    (2, 4, ((2, 0), (3, 1)), 0.0, 0.0),
-    (2, 4, ((2, 0), (3, 1)), 0.0, 2.0),
-    (2, 4, ((2, 0), (3, 1)), 1.0, 2.0),
-    (3, 6, ((3, 0), (4, 1), (5, 2)), 1.0, 2.0),
-    (3, 5, ((3, 0), (4, 1)), 1.0, 2.0),  # the third noun has no modifier: it only ever leaks
-    (3, 5, ((3, 0), (3, 1), (4, 2)), 0.0, 2.0),  # one modifier of two nouns: its coefficients add up
-], ids=["binding", "concentration", "separation", "three-pairs", "bare-noun", "shared-modifier"])
-def test_bound_gradient_matches_autograd(n_nouns, n, pairs, separation, concentration, w_scale):
-    # In float64 the two differ by rounding alone (seen: 3e-16 of the largest entry).
-    value, expected, value2, grad = bound_grads(n_nouns, n, pairs, 2.0, separation, concentration, w_scale)
+@pytest.mark.parametrize("n_nouns,n,pairs,concentration", [
+    (2, 4, ((2, 0), (3, 1)), 0.0),
+    (2, 4, ((2, 0), (3, 1)), 2.0),
+    (3, 6, ((3, 0), (4, 1), (5, 2)), 2.0),
+    (3, 5, ((3, 0), (4, 1)), 2.0),  # the third noun has no modifier: it only ever leaks
+    (3, 5, ((3, 0), (3, 1), (4, 2)), 2.0),  # one modifier of two nouns: its coefficients add up
+], ids=["binding", "concentration", "three-pairs", "bare-noun", "shared-modifier"])
+def test_bound_gradient_matches_autograd(n_nouns, n, pairs, concentration, w_scale):
+    # In float64 the two differ by rounding alone.
+    value, expected, value2, grad = bound_grads(n_nouns, n, pairs, 2.0, concentration, w_scale)
     torch.testing.assert_close(value2, value)
     torch.testing.assert_close(grad, expected)
     assert expected.abs().max() > 0.1  # the hinges are active: the check is not vacuous
@@ -338,7 +314,7 @@ def test_bound_gradient_in_float32_as_the_solver_runs():
     # The solver's own precision: float32 carries ~1e-7 of each value through sums over 64 pixels and 49 bases
     # and two normalisations; seen up to 6e-6 on gradients of order 1 (20 seeds x 3 shapes x 2 w, all within a
     # sixth of this tolerance).
-    value, expected, value2, grad = bound_grads(3, 6, ((3, 0), (4, 1), (5, 2)), 2.0, 1.0, 2.0, 0.5, torch.float32)
+    value, expected, value2, grad = bound_grads(3, 6, ((3, 0), (4, 1), (5, 2)), 2.0, 2.0, 0.5, torch.float32)
     torch.testing.assert_close(value2, value, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
 
@@ -349,22 +325,22 @@ def test_bound_gradient_splits_a_tied_leak_like_autograd():
     def tie(logits):
         logits[..., 2] = logits[..., 1]
 
-    value, expected, value2, grad = bound_grads(3, 4, ((3, 0),), 2.0, 0.0, 0.0, 0.0, logits_edit=tie)
+    value, expected, value2, grad = bound_grads(3, 4, ((3, 0),), 2.0, 0.0, 0.0, logits_edit=tie)
     torch.testing.assert_close(value2, value)
     torch.testing.assert_close(grad, expected)
     torch.testing.assert_close(grad[..., 1], grad[..., 2])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_closed_form_bound_solver_is_the_autograd_solver(seed):
+def test_bound_solver_is_the_autograd_solver(seed):
     # The same 20 steps on the same loss: the weights agree to float32 rounding (seen: 2e-5 at most on weights
     # of order 1). Neither seed has a near-tie between iterates that could flip the best-iterate choice.
     (logits, rest, bases), (ref_high, ref_mean, _) = bound_problem(3, 5, seed, torch.float32)
     pairs = ((3, 0), (4, 1))
     args = (logits, rest, bases, torch.zeros(8, 49, 5), ref_high, ref_mean, pairs, 3, 2.0, 20, 1.0, AUTO_LOSS)
-    kw = dict(separation=1.0, concentration=2.0, hw=(8, 8))
-    autograd = optimise_rows_bound(*args, **kw)
-    closed = optimise_rows_bound(*args, **kw, closed_form=True)
+    kw = dict(concentration=2.0, hw=(8, 8))
+    autograd = autograd_rows_bound(*args, **kw)
+    closed = optimise_rows_bound(*args, **kw)
     assert (autograd.loss < 0.8 * autograd.initial_loss).all()  # the solver moved
     torch.testing.assert_close(closed.weights, autograd.weights, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(closed.loss, autograd.loss, rtol=1e-4, atol=1e-5)

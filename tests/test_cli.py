@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from attnreg import RegulationConfig
 from attnreg.cli import main
 from attnreg.names import prompt_stem as slug
 from attnreg.testing import tiny_sd_pipeline
@@ -55,11 +56,13 @@ def test_generate_defaults_to_the_auto_preset(tiny_model, tmp_path, capsys):
     assert main(["generate", "a cat and a dog", "--model", tiny_model, "--steps", "2", "--out", str(tmp_path)]) == 0
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert record["config"]["preset"] == "auto" and record["config"]["loss"] == "relative"
-    assert record["config"]["fast"] is True
-    exact = tmp_path / "exact"
-    assert main(["generate", "a cat and a dog", "--model", tiny_model, "--steps", "2", "--exact", "--out", str(exact)]) == 0
-    written = json.loads(next(exact.glob("*.json")).read_text())["config"]
-    assert written["fast"] is False and written["closed_form"] is False  # the exact steps, autograd
+    assert record["config"] == {**RegulationConfig().to_dict(), "layers": record["config"]["layers"]}
+
+
+def test_removed_exact_flag_says_what_replaces_it(tiny_model, tmp_path, capsys):
+    assert main(["generate", "a cat and a dog", "--model", tiny_model, "--steps", "2", "--exact", "--out",
+                 str(tmp_path)]) == 2
+    assert "--exact was removed" in capsys.readouterr().err and not list(tmp_path.glob("*.png"))
 
 
 def test_generate_set_overrides_any_config_field(tiny_model, tmp_path, capsys):
@@ -206,7 +209,7 @@ def test_generate_record_says_how_to_make_the_image_again(tiny_model, tmp_path, 
     run = ["generate", "a cat and a dog", "--model", tiny_model, "--steps", "1", "--seed", "5"]
     assert main(run + ["--out", str(tmp_path / "a")]) == 0
     record = _record(tmp_path / "a")
-    assert set(record["config"]) == {f.name for f in dataclasses.fields(RegulationConfig)}  # every field
+    assert set(record["config"]) == {f.name for f in dataclasses.fields(RegulationConfig)} | {"preset"}  # every field
     assert record["versions"]["attnreg"] and record["versions"]["diffusers"] and record["versions"]["transformers"]
     assert record["versions"]["torch"] == __import__("importlib.metadata").metadata.version("torch")
     assert record["model_source"] == str(Path(tiny_model).resolve()) and record["warnings"] == []

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 from attnreg.cli import main
 from attnreg.config import RegulationConfig
 from attnreg.eval import ConfigMismatchError, MethodError, run_benchmark
+from attnreg.eval.runner import CONFIG_KEY
 from attnreg.eval.io import iter_records
 from attnreg.eval.methods import cross_attention_resolution
 from attnreg.tokens import TargetError
@@ -61,12 +61,12 @@ def test_bench_writes_records_images_and_report(bench, model):
     assert r["prompt"] == "a cat and a dog" and r["targets"] == ["cat", "dog"] and r["token_indices"] == [2, 5]
     assert r["tokens"] == ["cat", "dog"] and r["config"]["max_iter_to_alter"] == 1 and r["config"]["thresholds"] == {}
     assert r["run"] == {"dataset": "ae", "model": str(model), "steps": STEPS, "guidance": 7.5, "height": 64,
-                        "width": 64, "dtype": "float32"}
+                        "width": 64, "dtype": "float32", "config_key": CONFIG_KEY}
     assert r["seconds"] > 0 and r["peak_memory_bytes"] > 0 and r["subset"] == "animal-animal"
     assert set(r["versions"]) == {"attnreg", "diffusers", "transformers", "torch"} and all(r["versions"].values())
     assert r["dtype"] == "float32" and r["model_source"] == str(model.resolve()) and "regulation_config" not in r
     regulated = next(r for r in recs.values() if r["method"] == "attnreg")
-    assert regulated["regulation_config"] == json.loads(json.dumps(asdict(RegulationConfig.from_preset("auto"))))
+    assert regulated["regulation_config"] == json.loads(json.dumps(RegulationConfig().to_dict()))
     for r in recs.values():
         with Image.open(bench / r["image"]) as im:
             assert im.size == (64, 64)
@@ -111,6 +111,20 @@ def test_rerun_skips_everything_and_refuses_other_configs(bench, model, capsys):
     assert len(new) == 1
     os.remove(bench / new[0]["image"])  # keep the module's folder as the other tests expect it
     os.remove(bench / "records" / (new[0]["key"] + ".json"))
+
+
+def test_a_folder_named_by_an_older_config_key_says_so(bench, model, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(bench, old)
+    for path in (old / "records").rglob("*.json"):  # as an attnreg before the key existed wrote them
+        record = json.loads(path.read_text())
+        del record["run"]["config_key"]
+        path.write_text(json.dumps(record))
+    with pytest.raises(ConfigMismatchError, match="named configurations differently.*use a new --out"):
+        run_benchmark(methods="sd", dataset="ae", subsets=["animal-animal"], limit=1, seeds="0", model=str(model),
+                      steps=STEPS, out=old, metrics="none", progress=False, report=False)
 
 
 def test_attend_and_excite_missing_or_unsupported(model, monkeypatch):
@@ -230,7 +244,7 @@ def test_attnreg_methods_name_their_presets_and_edited_layers(model):
     default, paper, bind = (make_method(m, pipe) for m in ("attnreg", "attnreg-paper", "attnreg-bind"))
     assert default.config()["preset"] == "auto" and paper.config()["preset"] == "paper"
     assert paper.config() == make_method("attnreg", pipe, preset="paper").config()  # a name for options
-    assert bind.config()["binding"] == 1.0 and bind.config()["preset"] == "auto"
+    assert bind.config()["binding"] == 1.0 and bind.config()["preset"] == "custom"
     assert default.config()["edited_layers"] and paper.config()["edited_layers"]
     with pytest.raises(MethodError, match="method attnreg-bind: unknown option"):  # its own name
         make_method("attnreg-bind", pipe, bindings=2)

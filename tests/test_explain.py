@@ -23,7 +23,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def explained(pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("explain")
-    ex = explain(pipe, PROMPT, targets=["elephant", "glasses"], seed=3, config=RegulationConfig(iterations=4),
+    ex = explain(pipe, PROMPT, targets=["elephant", "glasses"], seed=3, config=RegulationConfig.paper(iterations=4),
                  out=out, num_inference_steps=STEPS, guidance_scale=7.5)
     return ex, out
 

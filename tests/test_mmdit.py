@@ -145,7 +145,7 @@ def test_regulation_changes_the_image_and_raises_the_targets_mass(sd3, vanilla):
 def test_nothing_edited_is_the_plain_pipeline_bit_for_bit(sd3, vanilla):
     # The auto preset never regulates a single target (nothing is neglected), and edit_steps=0 edits no step.
     np.testing.assert_array_equal(images(AttentionRegulator(sd3), targets=["circle"]), vanilla)
-    np.testing.assert_array_equal(images(AttentionRegulator(sd3, RegulationConfig(edit_steps=0)), targets=["circle"]), vanilla)
+    np.testing.assert_array_equal(images(AttentionRegulator(sd3, RegulationConfig.paper(edit_steps=0)), targets=["circle"]), vanilla)
 
 
 def test_processors_restored_after_an_exception(sd3, vanilla):
@@ -217,12 +217,12 @@ def test_half_precision_regulates_without_nan(dtype):
 def test_layers_default_middle_third_and_by_name_or_index(sd3):
     assert AttentionRegulator(sd3).layers == {"transformer_blocks.1.attn"}
     assert AttentionRegulator(tiny_sd3_pipeline(num_layers=6)).layers == {"transformer_blocks.2.attn", "transformer_blocks.3.attn"}
-    assert AttentionRegulator(sd3, RegulationConfig(layers=("transformer_blocks.0", "2"))).layers == {
+    assert AttentionRegulator(sd3, RegulationConfig.paper(layers=("transformer_blocks.0", "2"))).layers == {
         "transformer_blocks.0.attn", "transformer_blocks.2.attn"}
     with pytest.raises(LayerError, match=r"'transformer_blocks.7'.*transformer_blocks.0 .. transformer_blocks.2"):
-        AttentionRegulator(sd3, RegulationConfig(layers=("7",)))
+        AttentionRegulator(sd3, RegulationConfig.paper(layers=("7",)))
     with pytest.raises(LayerError, match="down_blocks.1"):
-        AttentionRegulator(sd3, RegulationConfig(layers=("down_blocks.1",)))
+        AttentionRegulator(sd3, RegulationConfig.paper(layers=("down_blocks.1",)))
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -355,7 +355,7 @@ def test_flux_single_stream_block_is_edited_and_remove_restores_it(flux):
     reg.remove()
     np.testing.assert_array_equal(images(flux, FLUX_PROMPT), plain)  # bit for bit
     with pytest.raises(LayerError, match=r"single_transformer_blocks.0 .. single_transformer_blocks.0"):
-        AttentionRegulator(flux, RegulationConfig(layers=("single_transformer_blocks.4",)))
+        AttentionRegulator(flux, RegulationConfig.paper(layers=("single_transformer_blocks.4",)))
 
 
 def test_flux_single_stream_explicit_path_mirrors_the_diffusers_processor(flux):

@@ -2,6 +2,7 @@
 
 import pytest
 
+from attnreg import RegulationConfig
 from attnreg.commands.common import regulation_config
 from attnreg.options import OptionError, config_options, parse_bool, parse_seed, parse_seeds
 
@@ -19,16 +20,18 @@ def test_anything_else_is_not_a_boolean(text):
 
 
 def test_set_values_take_their_fields_types():
-    values = config_options(["fast=False", "binding=2", "lift=1.5", "neglect_ratio=null", "edit_steps=3",
+    values = config_options(["restore_special=False", "binding=2", "lift=1.5", "neglect_ratio=null", "edit_steps=3",
                              "layers=down_blocks.1,up_blocks.0", "loss=relative"])
-    assert values == {"fast": False, "binding": 2, "lift": 1.5, "neglect_ratio": None, "edit_steps": 3,
+    assert values == {"restore_special": False, "binding": 2, "lift": 1.5, "neglect_ratio": None, "edit_steps": 3,
                       "layers": ("down_blocks.1", "up_blocks.0"), "loss": "relative"}
     assert type(values["binding"]) is int  # as its JSON was: configurations hashed before keep their names
     assert config_options(['layers=["mid_block"]']) == {"layers": ("mid_block",)}
 
 
 @pytest.mark.parametrize("pair,says", [
-    ("fast=maybe", "fast takes a boolean (true/false, 1/0, yes/no), got 'maybe'"),
+    ("text_units=maybe", "text_units takes a boolean (true/false, 1/0, yes/no), got 'maybe'"),
+    ("fast=false", "option fast was removed: the relative loss has one solver (the scheduled one); --preset paper "
+                   "gives the release's solver"),
     ("binding=abc", "binding takes a finite number, got 'abc'"),
     ("lr=nan", "lr takes a finite number, got 'nan'"),
     ("decay=-inf", "decay takes a finite number, got '-inf'"),
@@ -45,10 +48,11 @@ def test_ill_typed_values_name_field_value_and_type(pair, says):
 def test_the_command_lines_config_is_the_typed_one():
     class Args:
         preset, layers, edit_steps, exact, compile = "auto", None, None, False, "auto"
-        options = ["fast=False", "closed_form=no"]
+        options = ["restore_special=False", "binding=0"]
 
     config = regulation_config(Args)
-    assert config.fast is False and config.closed_form is False and config.preset == "auto"
+    assert config.restore_special is False and config.binding == 0.0 and config.preset == "custom"
+    assert config == RegulationConfig(restore_special=False, binding=0.0)
 
 
 def test_seeds_one_parser():

@@ -46,7 +46,7 @@ def vanilla(sd):
 
 def test_regulated_differs_then_remove_gives_vanilla_bit_for_bit(sd, vanilla):
     originals = sd.unet.attn_processors
-    reg = AttentionRegulator(sd, RegulationConfig())
+    reg = AttentionRegulator(sd, RegulationConfig.paper())
     out = images(reg, targets=["cat", "dog"])
     assert np.abs(out - vanilla).max() > 1e-3
     reg.remove()
@@ -82,7 +82,7 @@ def test_target_attention_rises_in_edited_layers(sd):
 
 
 def test_solver_stats_and_edit_steps(sd):
-    reg = AttentionRegulator(sd, RegulationConfig(edit_steps=2))
+    reg = AttentionRegulator(sd, RegulationConfig.paper(edit_steps=2))
     calls = []
     def on_step(pipe, step, timestep, kw):
         calls.append(step)
@@ -168,7 +168,7 @@ def test_bad_targets_leave_pipeline_untouched(sd, vanilla):
 def test_bad_steps_and_guidance(sd):
     originals = sd.unet.attn_processors
     with pytest.raises(GuidanceError, match="edit_steps=30 is larger than num_inference_steps=6"):
-        images(AttentionRegulator(sd, RegulationConfig(edit_steps=30)), targets=["cat"])
+        images(AttentionRegulator(sd, RegulationConfig.paper(edit_steps=30)), targets=["cat"])
     with pytest.raises(GuidanceError, match="guidance_scale > 1"):
         images(AttentionRegulator(sd), targets=["cat"], guidance_scale=1.0)
     assert_untouched(sd, originals)
@@ -186,9 +186,9 @@ def test_guidance_distilled_unet_is_named():
 def test_unknown_layer_lists_valid_ones(sd):
     originals = sd.unet.attn_processors
     with pytest.raises(LayerError, match=r"'down_blocks.7'.*valid blocks: down_blocks.1, mid_block, up_blocks.0"):
-        AttentionRegulator(sd, RegulationConfig(layers=("down_blocks.7",)))
+        AttentionRegulator(sd, RegulationConfig.paper(layers=("down_blocks.7",)))
     assert_untouched(sd, originals)
-    reg = AttentionRegulator(sd, RegulationConfig(layers=("up_blocks.0.attentions.1.transformer_blocks.0.attn2",)))
+    reg = AttentionRegulator(sd, RegulationConfig.paper(layers=("up_blocks.0.attentions.1.transformer_blocks.0.attn2",)))
     assert len(reg.layers) == 1
 
 
@@ -204,11 +204,11 @@ def test_unsupported_pipelines():
 
 def test_impossible_configs():
     with pytest.raises(ConfigError, match="iterations=0"):
-        RegulationConfig(iterations=0)
+        RegulationConfig.paper(iterations=0)
     with pytest.raises(ConfigError, match=r"quantile=1\.5.*decay=0"):
-        RegulationConfig(quantile=1.5, decay=0)
+        RegulationConfig.paper(quantile=1.5, decay=0)
     with pytest.raises(ConfigError, match="layers is empty"):
-        RegulationConfig(layers=())
+        RegulationConfig.paper(layers=())
     with pytest.raises(ConfigError, match="valid presets: auto, paper"):
         RegulationConfig.from_preset("fast-ish")
 
@@ -243,7 +243,7 @@ def test_explicit_path_mirrors_the_diffusers_processor(sd):
             self.probs = probs
 
     keep = Keep()
-    processor = RegulatedAttnProcessor(name, AttnProcessor2_0(), RegulationState(RegulationConfig(), frozenset()))
+    processor = RegulatedAttnProcessor(name, AttnProcessor2_0(), RegulationState(RegulationConfig.paper(), frozenset()))
     got = processor._explicit(attn, hidden, context, None, None, False, [keep])
     want = AttnProcessor2_0()(attn, hidden, context)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -83,7 +83,7 @@ def test_vanilla_recording_does_not_change_the_image(pipe):
 
 
 def test_regulated_recording_does_not_change_the_image(pipe):
-    reg = AttentionRegulator(pipe, RegulationConfig(iterations=3))
+    reg = AttentionRegulator(pipe, RegulationConfig.paper(iterations=3))
     unrecorded = reg(PROMPT, targets=["cat", "dog"], generator=gen(), **CALL).images
     # record every layer (edited and not) at every step, also past the edited steps
     rec = AttentionRecorder(steps=range(STEPS), tokens=[2, 5], stats_steps="all")
@@ -121,7 +121,7 @@ def test_explicit_path_only_for_recorded_layers_and_steps(pipe, monkeypatch):
 
     # a regulated run: the edited layers at the edited steps, plus only what is recorded
     calls.clear()
-    reg = AttentionRegulator(pipe, RegulationConfig(iterations=2, edit_steps=1, layers=(layers[0],)))
+    reg = AttentionRegulator(pipe, RegulationConfig.paper(iterations=2, edit_steps=1, layers=(layers[0],)))
     rec = AttentionRecorder(layers=[layers[-1]], steps=[3])
     recorded(reg, rec, targets=["cat"])
     assert sorted(calls) == sorted([(layers[0], 0), (layers[-1], 3)])

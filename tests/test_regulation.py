@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from oracles import regulation_loss
 
 from attnreg.regulation import (
     LossWeights,
@@ -12,7 +13,6 @@ from attnreg.regulation import (
     offsets_from_weights,
     optimise_offsets,
     floor_offset,
-    regulation_loss,
     renormalised,
     rest_logsumexp,
     smoothed_weights,

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnreg import AttentionRegulator, RegulationConfig
+from attnreg.config import PRESETS
 from attnreg.tokens import TargetError, auto_targets, format_tokens, resolve_targets, token_table
 
-PRESET_CHOICES = ("auto", "paper")
+PRESET_CHOICES = tuple(PRESETS)  # the default first
 MAX_IMAGES = 4
 MAX_STEPS = 200
 MAX_SEED = 2**32 - 1

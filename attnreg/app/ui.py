@@ -96,7 +96,7 @@ def _inputs(engine: Engine) -> SimpleNamespace:
                 ui.guidance = gr.Number(label="Guidance (> 1)", value=7.5, elem_id="guidance")
                 ui.n_images = gr.Slider(label="Number of images", minimum=1, maximum=MAX_IMAGES, step=1, value=1,
                                         elem_id="n-images")
-            ui.preset = gr.Radio(list(PRESET_CHOICES), value="auto", label="Preset (auto: layers and levels fitted "
+            ui.preset = gr.Radio(list(PRESET_CHOICES), value=PRESET_CHOICES[0], label="Preset (auto: layers and levels fitted "
                                  "to the model; paper: the authors' release)", elem_id="preset")
             with gr.Row():
                 ui.run_btn = gr.Button("Generate", variant="primary", elem_id="run")

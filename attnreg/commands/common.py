@@ -147,23 +147,21 @@ def writable_folder(path: str) -> Path:
 
 
 def add_regulation_args(p: argparse.ArgumentParser) -> None:
-    from ..config import COMPILE_CHOICES, PRESETS
+    from ..config import COMPILE_CHOICES, DEFAULT_PRESET, PRESETS
 
-    p.add_argument("--preset", default="auto", metavar="{" + ",".join(PRESETS) + "}",
+    p.add_argument("--preset", default=DEFAULT_PRESET, metavar="{" + ",".join(PRESETS) + "}",
                    help="auto: layers and loss levels fitted to the model (default); paper: the authors' release")
     p.add_argument("--layers", default=None, help="comma-separated blocks or attn2 modules to edit (default: the model's)")
     p.add_argument("--edit-steps", type=non_negative_int, default=None, help="edit the first N steps (default: half)")
-    p.add_argument("--exact", action="store_true",
-                   help="auto preset: the exact solver (20 unit steps) instead of the fast path (the same images within "
-                   "the benchmark's noise, ~1/10 of regulation's own pixel change)")
+    p.add_argument("--exact", action="store_true", help="removed: the default has one solver per loss (using it "
+                   "is an error that says so)")
     p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
-                   help="fast solver through torch.compile: auto = on CUDA only (default), on (also CPU: the first "
+                   help="the default's solver through torch.compile: auto = on CUDA only (default), on (also CPU: the first "
                    "call compiles for 10-75 s), off = eager; a failed compile falls back to eager with a warning")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="options",
                    help="any RegulationConfig field (attnreg/config.py) but preset, repeatable, applied last; the value is "
                    "parsed by the field's type (booleans: true/false, 1/0, yes/no; numbers finite; null for None; "
-                   "layers comma-separated): --set binding=0 (no modifier binding), --set fast=false, "
-                   "--set neglect_ratio=null")
+                   "layers comma-separated): --set binding=0 (no modifier binding), --set neglect_ratio=null")
 
 
 def regulation_config(args):
@@ -177,8 +175,8 @@ def regulation_config(args):
     if args.edit_steps is not None:
         overrides["edit_steps"] = args.edit_steps
     if getattr(args, "exact", False):
-        overrides["fast"] = False
-        overrides["closed_form"] = False
+        raise ValueError("--exact was removed: the default has one solver per loss (the same pictures within the "
+                         "benchmark's noise); --preset paper gives the authors' release")
     if getattr(args, "compile", "auto") != "auto":
         overrides["compile"] = args.compile
     overrides.update(config_options(getattr(args, "options", [])))

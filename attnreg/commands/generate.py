@@ -106,14 +106,13 @@ def cmd_generate(args) -> int:
 def run_record(args, image_seed: int, pipe, reg, info: dict, call: dict) -> dict:
     """What the JSON beside the images says: enough to make them again (every config field, the model's
     source, the versions, device, dtype and thread count), and a warning when nothing was edited."""
-    import dataclasses
 
     from ..provenance import model_source, numerics, versions
     from ..regulator import NO_LAYERS
 
     return {
         "prompt": args.prompt, "targets": info, "seed": image_seed, "model": str(args.model or "embedded"),
-        "model_source": model_source(pipe), "call": call, "config": dataclasses.asdict(reg.config),
+        "model_source": model_source(pipe), "call": call, "config": reg.config.to_dict(),
         "edited_layers": sorted(reg.layers), "warnings": [] if reg.layers else [NO_LAYERS],
         **numerics(pipe), "versions": versions(),
     }

@@ -84,10 +84,11 @@ class AttnReg(Method):
     name = "attnreg"
     description = "Attention Regulation, the default preset (auto)"
 
-    def __init__(self, pipe, preset: str = "auto", **options):
+    def __init__(self, pipe, preset: str | None = None, **options):
         from attnreg import AttentionRegulator, RegulationConfig
-        from attnreg.config import ConfigError
+        from attnreg.config import DEFAULT_PRESET, ConfigError
 
+        preset = preset or DEFAULT_PRESET
         super().__init__(pipe, preset=preset, **options)
         try:  # an unknown option is a ConfigError too (it lists the valid ones)
             self.reg_config = RegulationConfig.from_preset(preset, **options)
@@ -103,11 +104,9 @@ class AttnReg(Method):
         return self.regulator(prompt, targets=list(targets), generator=generator, **call).images[0]
 
 
-# the preset faithful to the authors' release; and binding=1, the default's on 2026-11-30 (2 since; the name stays
-# so that runs made with binding 1 resolve to the same configuration)
 register_method(AttnReg, "attnreg-paper", "Attention Regulation, the authors' release (paper preset)", preset="paper")
-register_method(AttnReg, "attnreg-bind", "Attention Regulation with binding=1 (the default's on 2026-11-30; 2 since)",
-                binding=1.0, concentration=0.0, closed_form=False)  # both joined the default later (2026-12-01)
+register_method(AttnReg, "attnreg-bind", "Attention Regulation with binding 1 and no concentration",
+                binding=1.0, concentration=0.0)
 
 
 @register_method

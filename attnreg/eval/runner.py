@@ -7,7 +7,6 @@ Resumable (finished items are skipped), sharded across processes under `accelera
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import resource
@@ -27,7 +26,10 @@ from .io import (
 from .methods import METHODS, AttnReg, check_methods, make_method
 
 # The fields of a run that must agree for records to share a folder.
-RUN_KEYS = ("dataset", "model", "steps", "guidance", "height", "width", "dtype", "max_sequence_length")
+RUN_KEYS = ("dataset", "model", "steps", "guidance", "height", "width", "dtype", "max_sequence_length", "config_key")
+# How a method's configuration names its images (item keys hash `RegulationConfig.to_dict()`): raised whenever
+# that dict changes for the same method, so a folder never mixes two namings of one configuration.
+CONFIG_KEY = 2
 
 
 class ConfigMismatchError(ValueError):
@@ -95,6 +97,11 @@ def check_folder(out: Path, run: dict, force: bool) -> None:
     if others and not force:
         diff = {k: (others[0].get(k), run.get(k)) for k in RUN_KEYS if others[0].get(k) != run.get(k)}
         text = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        if "config_key" in diff:
+            raise ConfigMismatchError(
+                f"{out} was made by an attnreg that named configurations differently ({text}): its images and "
+                "scores stay readable by `attnreg report`, but `attnreg bench` cannot add to it; use a new --out "
+                "folder (the same seeds give the same images)")
         raise ConfigMismatchError(
             f"{out} already holds records of another configuration ({text}). Use another --out folder, or --force "
             "to add this configuration beside them (nothing already written is deleted or overwritten: file "
@@ -193,7 +200,7 @@ class BenchmarkOptions:
     def run_config(self, height: int) -> dict:
         """The fields that must agree for records to share a folder (RUN_KEYS)."""
         run = {"dataset": self.dataset, "model": self.model_id, "steps": self.steps, "guidance": self.guidance,
-               "height": height, "width": height, "dtype": self.dtype}
+               "height": height, "width": height, "dtype": self.dtype, "config_key": CONFIG_KEY}
         if self.max_sequence_length is not None:  # only when given: folders made without it keep their records
             run["max_sequence_length"] = self.max_sequence_length
         return run
@@ -392,7 +399,7 @@ def full_config(method) -> dict:
     """{"regulation_config": every RegulationConfig field} for Attention Regulation's methods (their "config",
     which names the records' files, leaves out fields at their old defaults); {} for other methods."""
     config = getattr(method, "reg_config", None)
-    return {} if config is None else {"regulation_config": json.loads(json.dumps(dataclasses.asdict(config)))}
+    return {} if config is None else {"regulation_config": json.loads(json.dumps(config.to_dict()))}
 
 
 def finish(plan: Plan, opts: BenchmarkOptions, generated: int, taken_elsewhere: int, started: float) -> dict:
