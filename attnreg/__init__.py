@@ -3,11 +3,13 @@
 from .config import ConfigError, RegulationConfig, PRESETS
 from .recording import AttentionRecorder
 from .regulator import AttentionRegulator, GuidanceError, LayerError, UnsupportedPipelineError
+from .joint import JointAttentionRegulator  # registers the SD3 / FLUX regulator with AttentionRegulator
 from .tokens import TargetError
 
 __all__ = [
     "AttentionRegulator",
     "AttentionRecorder",
+    "JointAttentionRegulator",
     "RegulationConfig",
     "PRESETS",
     "ConfigError",

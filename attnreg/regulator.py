@@ -8,6 +8,7 @@ import warnings
 from contextlib import contextmanager
 
 from .config import RegulationConfig
+from .families import SUPPORTED_PIPELINES, UnsupportedPipelineError, check_pipeline, joint_family
 from .geometry import block_level, cross_attention_layers, layer_blocks
 from .names import split_list
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
@@ -15,11 +16,8 @@ from .tokens import TargetError, auto_targets, eos_index, modifier_columns, reso
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
-
-
-class UnsupportedPipelineError(TypeError):
-    """A pipeline attnreg cannot regulate (yet)."""
+__all__ = ["AttentionRegulator", "GuidanceError", "LayerError", "SUPPORTED_PIPELINES", "UnsupportedPipelineError",
+           "check_pipeline"]
 
 
 class LayerError(ValueError):
@@ -28,20 +26,6 @@ class LayerError(ValueError):
 
 class GuidanceError(ValueError):
     """The call has no unconditional half (guidance scale <= 1), or too few steps to edit."""
-
-
-def check_pipeline(pipe) -> None:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from .joint import joint_family, unsupported_variant
-
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)) and joint_family(pipe) is None:
-        why = unsupported_variant(pipe)
-        raise UnsupportedPipelineError(
-            "attnreg supports StableDiffusionPipeline and StableDiffusionXLPipeline (SD 1.x, 2.x, SDXL), "
-            "StableDiffusion3Pipeline and FluxPipeline (SD3, FLUX text-to-image) and their subclasses; "
-            f"got {type(pipe).__name__}" + (f": {why}." if why else ".")
-        )
 
 
 def default_layers(unet) -> tuple[str, ...]:
@@ -89,7 +73,8 @@ def pipeline_default(pipe, name: str):
 
 
 class AttentionRegulator:
-    """Attention Regulation around a StableDiffusionPipeline or StableDiffusionXLPipeline.
+    """Attention Regulation around a StableDiffusionPipeline or StableDiffusionXLPipeline; on a
+    StableDiffusion3Pipeline or FluxPipeline it returns an `attnreg.joint.JointAttentionRegulator` (same API).
 
         reg = AttentionRegulator(pipe)  # RegulationConfig(): the default; RegulationConfig.paper(): the release
         image = reg("a cat and a dog", targets=["cat", "dog"], generator=g).images[0]
@@ -100,14 +85,19 @@ class AttentionRegulator:
     `targets` goes to the pipeline unchanged, `callback_on_step_end` included.
     """
 
-    def __new__(cls, pipe, *args, **kwargs):
-        # SD3 and FLUX (joint attention) get the MMDiT regulator of joint.py; same API.
-        if cls is AttentionRegulator:  # (an unsupported pipeline is refused by __init__)
-            from .joint import JointAttentionRegulator, joint_family
+    _families: dict[str, type] = {}  # joint_family -> its regulator class (`register_family`)
 
-            if joint_family(pipe) is not None:
-                cls = JointAttentionRegulator
+    def __new__(cls, pipe, *args, **kwargs):
+        # SD3 and FLUX (joint attention) get the regulator attnreg.joint registers (same API); an unsupported
+        # pipeline is refused by __init__
+        if cls is AttentionRegulator:
+            cls = AttentionRegulator._families.get(joint_family(pipe), cls)
         return super().__new__(cls)
+
+    @staticmethod
+    def register_family(family: str, regulator: type) -> None:
+        """`AttentionRegulator(pipe)` returns a `regulator` for pipelines of `family` (`families.joint_family`)."""
+        AttentionRegulator._families[family] = regulator
 
     def __init__(self, pipe, config: RegulationConfig | None = None):
         check_pipeline(pipe)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .joint import JointRegulatedProcessor, _flux_streams, _sd3_streams, joint_attention_layers, joint_family
+from .joint import JointRegulatedProcessor, flux_streams, sd3_streams, joint_attention_layers, joint_family
 from .regulator import UnsupportedPipelineError
 
 GAMMA = 1.2  # the published training-free scale
@@ -38,19 +38,19 @@ class TextScaledProcessor:
             raise NotImplementedError("TACA is not applied to a joint attention with an attention_mask")
         gamma = self.schedule.gamma
         if self.family == "sd3":  # (B, H, S, D); the image stream first
-            (q, k, v), (cq, ck, cv) = _sd3_streams(attn, hidden_states, encoder_hidden_states)
+            (q, k, v), (cq, ck, cv) = sd3_streams(attn, hidden_states, encoder_hidden_states)
             values = torch.cat([v, cv], dim=2)
             image = F.scaled_dot_product_attention(q, torch.cat([k, gamma * ck], dim=2), values)
             text = F.scaled_dot_product_attention(cq, torch.cat([k, ck], dim=2), values)
-            return JointRegulatedProcessor._sd3_project(attn, torch.cat([image, text], dim=2).to(q.dtype), q.shape[2])
+            return JointRegulatedProcessor.sd3_project(attn, torch.cat([image, text], dim=2).to(q.dtype), q.shape[2])
         rotary = kwargs.get("image_rotary_emb", args[0] if args else None)
-        query, key, value, n_text = _flux_streams(attn, hidden_states, encoder_hidden_states, rotary)  # text first
+        query, key, value, n_text = flux_streams(attn, hidden_states, encoder_hidden_states, rotary)  # text first
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, S, D)
         scaled = torch.cat([gamma * k[:, :, :n_text], k[:, :, n_text:]], dim=2)
         image = F.scaled_dot_product_attention(q[:, :, n_text:], scaled, v)
         text = F.scaled_dot_product_attention(q[:, :, :n_text], k, v)
         out = torch.cat([text, image], dim=2).transpose(1, 2).to(query.dtype)
-        return JointRegulatedProcessor._flux_project(attn, out, n_text)
+        return JointRegulatedProcessor.flux_project(attn, out, n_text)
 
 
 class TacaSchedule:

@@ -18,7 +18,7 @@ import torch
 
 
 def main() -> None:
-    from attnreg.joint import CLIP_LENGTH, _sd3_streams
+    from attnreg.joint import CLIP_LENGTH, sd3_streams
     from attnreg.pipelines import load_pipeline
     from attnreg.regulator import AttentionRegulator
     from attnreg.toy import model_path, prompt_targets
@@ -46,7 +46,7 @@ def main() -> None:
             self.block, self.original = block, original
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kw):
-            (q, k, _), (_, ck, _) = _sd3_streams(attn, hidden_states, encoder_hidden_states)
+            (q, k, _), (_, ck, _) = sd3_streams(attn, hidden_states, encoder_hidden_states)
             cond = q.shape[0] // 2  # the conditional half of classifier-free guidance
             keys = torch.cat([k, ck], dim=2)[cond:]
             p = (q[cond:] @ keys.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1).mean(dim=(0, 1, 2))

@@ -186,7 +186,7 @@ def test_explicit_path_mirrors_the_diffusers_processor(sd3):
     context_pre_only)."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    from attnreg.joint import _sd3_streams
+    from attnreg.joint import sd3_streams
 
     torch.manual_seed(0)
     for name in joint_attention_layers(sd3.transformer):
@@ -194,10 +194,10 @@ def test_explicit_path_mirrors_the_diffusers_processor(sd3):
         assert isinstance(attn.processor, JointAttnProcessor2_0)
         hidden, context = torch.randn(2, 256, 32), torch.randn(2, 7, 32)
         want = attn.processor(attn, hidden, context)
-        (q, k, v), (cq, ck, cv) = _sd3_streams(attn, hidden, context)
+        (q, k, v), (cq, ck, cv) = sd3_streams(attn, hidden, context)
         probs = (q @ torch.cat([ck, k], 2).transpose(-1, -2) / 8**0.5).softmax(-1)
         edited = probs @ torch.cat([cv, v], 2)
-        got = JointRegulatedProcessor._sd3_output(attn, hidden, (q, k, v), (cq, ck, cv), [0, 1], edited)
+        got = JointRegulatedProcessor.sd3_output(attn, hidden, (q, k, v), (cq, ck, cv), [0, 1], edited)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -297,7 +297,7 @@ def test_flux_edits_its_single_batch_and_every_target_column_rises(flux):
 def test_flux_explicit_path_mirrors_the_diffusers_processor(flux):
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    from attnreg.joint import _flux_streams
+    from attnreg.joint import flux_streams
 
     torch.manual_seed(0)
     n_text, side = 7, 4
@@ -310,10 +310,10 @@ def test_flux_explicit_path_mirrors_the_diffusers_processor(flux):
         assert isinstance(attn.processor, FluxAttnProcessor)
         hidden, context = torch.randn(2, side * side, 32), torch.randn(2, n_text, 32)
         want = attn.processor(attn, hidden, context, None, rotary)
-        query, key, value, n = _flux_streams(attn, hidden, context, rotary)
+        query, key, value, n = flux_streams(attn, hidden, context, rotary)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         edited = (q[:, :, n:] @ k.transpose(-1, -2) / 16**0.5).softmax(-1) @ v
-        got = JointRegulatedProcessor._flux_output(attn, query, key, value, n, [0, 1], edited)
+        got = JointRegulatedProcessor.flux_output(attn, query, key, value, n, [0, 1], edited)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -361,7 +361,7 @@ def test_flux_single_stream_block_is_edited_and_remove_restores_it(flux):
 def test_flux_single_stream_explicit_path_mirrors_the_diffusers_processor(flux):
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    from attnreg.joint import _flux_single_streams
+    from attnreg.joint import flux_single_streams
 
     torch.manual_seed(0)
     n_text, side = 7, 4
@@ -372,10 +372,10 @@ def test_flux_single_stream_explicit_path_mirrors_the_diffusers_processor(flux):
     assert isinstance(attn.processor, FluxAttnProcessor)
     hidden = torch.randn(2, n_text + side * side, 32)  # text then image, as FluxSingleTransformerBlock concatenates
     want = attn.processor(attn, hidden, None, None, rotary)
-    query, key, value = _flux_single_streams(attn, hidden, rotary)
+    query, key, value = flux_single_streams(attn, hidden, rotary)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     edited = (q[:, :, n_text:] @ k.transpose(-1, -2) / 16**0.5).softmax(-1) @ v
-    got = JointRegulatedProcessor._flux_output(attn, query, key, value, n_text, [0, 1], edited, single=True)
+    got = JointRegulatedProcessor.flux_output(attn, query, key, value, n_text, [0, 1], edited, single=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

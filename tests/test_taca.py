@@ -37,7 +37,7 @@ def reference(q, k, v, n_image_first: bool, n_text: int, gamma: float):
 
 
 def test_the_processor_scales_exactly_the_image_query_text_key_logits(pipe):
-    from attnreg.joint import JointRegulatedProcessor, _flux_streams, _sd3_streams, joint_attention_layers, joint_family
+    from attnreg.joint import JointRegulatedProcessor, flux_streams, sd3_streams, joint_attention_layers, joint_family
 
     family = joint_family(pipe)
     name = joint_attention_layers(pipe.transformer)[0]
@@ -54,13 +54,13 @@ def test_the_processor_scales_exactly_the_image_query_text_key_logits(pipe):
         rotary = pipe.transformer.pos_embed(ids)
     got = TextScaledProcessor(attn.processor, family, schedule)(attn, hidden, context, None, image_rotary_emb=rotary)
     if family == "sd3":
-        (q, k, v), (cq, ck, cv) = _sd3_streams(attn, hidden, context)
+        (q, k, v), (cq, ck, cv) = sd3_streams(attn, hidden, context)
         out = reference(torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2), True, 7, 1.5)
-        want = JointRegulatedProcessor._sd3_project(attn, out, 16)
+        want = JointRegulatedProcessor.sd3_project(attn, out, 16)
     else:
-        query, key, value, n_text = _flux_streams(attn, hidden, context, rotary)
+        query, key, value, n_text = flux_streams(attn, hidden, context, rotary)
         out = reference(*(x.transpose(1, 2) for x in (query, key, value)), False, n_text, 1.5)
-        want = JointRegulatedProcessor._flux_project(attn, out.transpose(1, 2), n_text)
+        want = JointRegulatedProcessor.flux_project(attn, out.transpose(1, 2), n_text)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     plain = attn.processor(attn, hidden, context, None, image_rotary_emb=rotary) if family == "flux" else attn.processor(attn, hidden, context)

@@ -9,7 +9,7 @@ from .common import MODEL_HELP, add_sampling_args, add_threads_arg, model_name, 
 
 
 def _add_metric_model_args(p: argparse.ArgumentParser) -> None:
-    from ..eval.metrics import DEFAULT_BLIP, DEFAULT_CLIP, DEFAULT_OWL
+    from ..eval.scorers import DEFAULT_BLIP, DEFAULT_CLIP, DEFAULT_OWL
 
     p.add_argument("--clip-model", default=None, help=f"CLIP id or local folder for clip and blip (default {DEFAULT_CLIP}) "
                    "and geneval's colours (default openai/clip-vit-large-patch14)")

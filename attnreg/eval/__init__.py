@@ -8,7 +8,8 @@
 
 from .datasets import DATASETS, DatasetError, Prompt, ae_prompts, load_dataset
 from .methods import METHODS, Method, MethodError, register_method
-from .metrics import METRICS, Metric, MetricError, MetricModelError, register_metric, score_dir
+from .metrics import METRICS, Metric, MetricError, register_metric, score_dir
+from .scorers import MetricModelError
 from .report import write_report
 from .runner import ConfigMismatchError, parse_seeds, run_benchmark
 

@@ -84,12 +84,12 @@ class OwlBackend:
                  nms_iou: float = OWL_NMS_IOU, min_score: float = OWL_MIN_SCORE):
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-        from .metrics import _load
+        from .scorers import load_model
 
         self.classes = tuple(classes or geneval_classes())
         self.device, self.nms_iou, self.min_score = device, nms_iou, min_score
-        self.model = _load("OWL", owl_model, "--owl-model", Owlv2ForObjectDetection.from_pretrained).to(device).eval()
-        self.processor = _load("OWL processor", owl_model, "--owl-model", Owlv2Processor.from_pretrained)
+        self.model = load_model("OWL", owl_model, "--owl-model", Owlv2ForObjectDetection.from_pretrained).to(device).eval()
+        self.processor = load_model("OWL processor", owl_model, "--owl-model", Owlv2Processor.from_pretrained)
         self.clip = ClipColours(clip_model, device)
 
     def detect(self, images) -> list[dict[str, list[Detection]]]:
@@ -128,9 +128,9 @@ class ClipColours:
     embedding is the mean of the three templates' normalised embeddings, renormalised."""
 
     def __init__(self, clip_model: str, device: str = "cpu"):
-        from .metrics import _ClipText
+        from .scorers import ClipText
 
-        self.clip = _ClipText(clip_model, device)
+        self.clip = ClipText(clip_model, device)
         self.device = device
         self.classifiers: dict[str, object] = {}
 

@@ -161,12 +161,12 @@ class ZeroColumnsAttnProcessor:
         self.counts = torch.tensor([float(n)])
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        from ..joint import JointRegulatedProcessor, _sd3_streams
+        from ..joint import JointRegulatedProcessor, sd3_streams
 
-        image, text = _sd3_streams(attn, hidden_states, encoder_hidden_states)
+        image, text = sd3_streams(attn, hidden_states, encoder_hidden_states)
         bias = hidden_states.new_zeros(hidden_states.shape[0], 1, 1, image[1].shape[2] + text[1].shape[2])  # image, text
         bias[..., -1] = self.counts.to(bias).log().view(-1, 1, 1)
-        return JointRegulatedProcessor._sd3_output(attn, hidden_states, image, text, [], None, attn_mask=bias)
+        return JointRegulatedProcessor.sd3_output(attn, hidden_states, image, text, [], None, attn_mask=bias)
 
 
 def use_zero_columns(transformer, n: int) -> ZeroColumnsAttnProcessor:
