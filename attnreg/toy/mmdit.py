@@ -3,7 +3,7 @@ the same coloured-shape world and the same frozen VAE latents as the UNet model.
 
     attnreg toy train --arch mmdit [--export attnreg/toy/model-mmdit]      (python -m attnreg.toy.train ...)
 
-Two phases, resumable like the UNet's (same checkpoints, EMA, STOP file, loss log; `train.fit` runs both):
+Two phases, resumable like the UNet's (same checkpoints, EMA, STOP file, loss log; `loop.fit` runs both):
 
 1. ``latents``: the pool of `train.encode_pool`, encoded with the shipped model's frozen VAE
    (attnreg/toy/model/vae); the same scene seeds and pool size as the UNet model's run, so the same latents.
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import TRAIN_COMMANDS, model_path
-from .train import (Captioner, Config, LossLog, draw_batch, encode_pool, fit, load_ema, load_pool, log, publish,
+from .loop import (Captioner, Config, LossLog, build_text_encoder, draw_batch, encode_pool, fit, load_ema, load_pool, log, publish,
                     step_rng, to_device)
 from .world import COLOUR_NAMES, SHAPES
 
@@ -112,8 +112,6 @@ def build_transformer(cfg: MMDiTConfig, latent: int):
 
 def build_text_encoders(cfg: MMDiTConfig):
     """SD3's two CLIP slots: (text_encoder, text_encoder_2), both CLIPTextModelWithProjection."""
-    from .train import build_text_encoder
-
     return (build_text_encoder(cfg, projection=True),
             build_text_encoder(cfg, cfg.text2_hidden, cfg.text2_layers, cfg.text2_heads, cfg.text2_intermediate,
                                projection=True))
