@@ -5,7 +5,7 @@ the same coloured-shape world and the same frozen VAE latents as the UNet model.
 
 Two phases, resumable like the UNet's (same checkpoints, EMA, STOP file, loss log; `loop.fit` runs both):
 
-1. ``latents``: the pool of `train.encode_pool`, encoded with the shipped model's frozen VAE
+1. ``latents``: the pool of `loop.encode_pool`, encoded with the shipped model's frozen VAE
    (attnreg/toy/model/vae); the same scene seeds and pool size as the UNet model's run, so the same latents.
    The scaling factor is the VAE's own (the UNet model's 1 / std of its pool); the shift factor is 0.
 2. ``mmdit``: an `SD3Transformer2DModel` (patch 1 on the 16 x 16 x 4 latents: a 16 x 16 token grid, the
@@ -182,7 +182,7 @@ def use_zero_columns(transformer, n: int) -> ZeroColumnsAttnProcessor:
 
 
 def encode_pool_mmdit(cfg: MMDiTConfig, out: Path, stop_at: float | None) -> bool:
-    """The latent pool of `train.encode_pool` with the frozen VAE; its scaling factor is the VAE's own."""
+    """The latent pool of `loop.encode_pool` with the frozen VAE; its scaling factor is the VAE's own."""
     vae = frozen_vae(cfg)
     stopped = encode_pool(cfg, out, stop_at, vae=vae)
     stats = out / "latents" / "stats.json"
