@@ -5,8 +5,10 @@ from .recording import AttentionRecorder
 from .regulator import AttentionRegulator, GuidanceError, LayerError, UnsupportedPipelineError
 from .joint import JointAttentionRegulator  # registers the SD3 / FLUX regulator with AttentionRegulator
 from .tokens import TargetError
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "AttentionRegulator",
     "AttentionRecorder",
     "JointAttentionRegulator",
@@ -18,4 +20,3 @@ __all__ = [
     "TargetError",
     "UnsupportedPipelineError",
 ]
-__version__ = "0.1.0"

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import files
+from .options import DEFAULT_GUIDANCE
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def calibrate(
     targets: list[list[str]] | None = None,
     seeds: list[int] = (0, 1),
     steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = DEFAULT_GUIDANCE,
     keep: float = 0.5,
     edit_fraction: float = 0.5,
     **call,
@@ -137,7 +138,8 @@ def calibrate(
     statistics and the choice. `call`: more keywords for the pipeline (height, max_sequence_length, ...)."""
     from .config import RegulationConfig
     from .geometry import cross_attention_layers
-    from .joint import editable_layers, joint_family
+    from .families import joint_family
+    from .joint.attention import editable_layers
     from .regulator import AttentionRegulator
 
     if getattr(pipe, "unet", None) is not None:
@@ -252,7 +254,7 @@ def find_calibration(pipe) -> dict | None:
     return None
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: dict) -> None:
     """Write `data` to `path` so that an interrupted write leaves the previous file intact."""
     try:
         files.atomic_write_json(path, data, indent=2, sort_keys=False)
@@ -268,7 +270,7 @@ def write_calibration(folder: Path, result: dict) -> Path:
     spec_path = folder / "attnreg.json"
     spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
     spec["calibration"] = result
-    atomic_write_json(spec_path, spec)
+    _write_json(spec_path, spec)
     return spec_path
 
 
@@ -287,7 +289,7 @@ def calibrated_layers(pipe, allow_run: bool = True) -> tuple[str, ...] | None:
     try:
         result = calibrate(pipe)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, result)
+        _write_json(path, result)
     except (CalibrationError, OSError) as err:
         log.warning("calibration not possible (%s); using the structural layer rule", err)
         return None

@@ -19,6 +19,9 @@ BOOLEAN_TYPE = "a boolean (true/false, 1/0, yes/no)"
 NOT_OPTIONS = {"preset": "choose the preset with --preset"}  # names a configuration, not a tuning
 
 
+DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's own: the command line's, the benchmark's and calibration's default
+
+
 class OptionError(ValueError):
     """A typed value that does not parse as its type."""
 

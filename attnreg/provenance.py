@@ -11,7 +11,7 @@ PACKAGES = ("attnreg", "diffusers", "transformers", "torch")
 
 def versions() -> dict[str, str | None]:
     """The installed version of attnreg and of the libraries its images depend on (None: not installed)."""
-    from . import __version__
+    from .version import __version__
 
     found = {"attnreg": __version__}
     for name in PACKAGES[1:]:

@@ -67,6 +67,12 @@ NO_LAYERS = ("attnreg: no layer to edit (the model's calibration chose none; run
              "layers): the images are the plain pipeline's")
 
 
+def pipeline_prompt(prompt, kwargs: dict):
+    """What the pipeline gets as `prompt`: None when the call brings its own `prompt_embeds` (diffusers takes
+    one or the other); the text is then only the regulator's, to find the targets."""
+    return None if kwargs.get("prompt_embeds") is not None else prompt
+
+
 def pipeline_default(pipe, name: str):
     """The default of one of the pipeline's call arguments (num_inference_steps, guidance_scale, ...)."""
     return inspect.signature(type(pipe).__call__).parameters[name].default
@@ -99,6 +105,11 @@ class AttentionRegulator:
         """`AttentionRegulator(pipe)` returns a `regulator` for pipelines of `family` (`families.joint_family`)."""
         AttentionRegulator._families[family] = regulator
 
+    # With layer_choice "calibrated" and no calibration stored for the model, calibrate it now (one line says
+    # so; cached in the user cache): on a UNet a few short vanilla runs. The MMDiT regulator does not, since
+    # there a calibration costs far more than the call; it uses the structural rule until `attnreg calibrate`.
+    calibrates_on_first_use = True
+
     def __init__(self, pipe, config: RegulationConfig | None = None):
         check_pipeline(pipe)
         self.pipe = pipe
@@ -107,11 +118,15 @@ class AttentionRegulator:
         if layers is None and self.config.layer_choice == "calibrated":
             from .calibrate import calibrated_layers
 
-            layers = calibrated_layers(pipe)  # None when it cannot be had: the structural rule below
+            # None when it cannot be had: the structural rule of select_layers
+            layers = calibrated_layers(pipe, allow_run=self.calibrates_on_first_use)
         self.layers = self.select_layers(layers)
-        self.state = RegulationState(self.config, self.layers)
+        self.state = self._new_state()
         self.last_targets: list[dict] = []
         self._removed = False
+
+    def _new_state(self) -> RegulationState:
+        return RegulationState(self.config, self.layers)
 
     # -- targets --------------------------------------------------------------------------------
     def resolve(self, prompt: str, targets: list[str | int] | None) -> dict:
@@ -181,11 +196,15 @@ class AttentionRegulator:
 
     # -- the call -------------------------------------------------------------------------------
     def __call__(self, prompt: str | list[str], targets=None, **kwargs):
-        """The pipeline's output for `prompt`, regulated on `targets` (None: the prompt's nouns)."""
+        """The pipeline's output for `prompt`, regulated on `targets` (None: the prompt's nouns).
+
+        With `prompt_embeds` (and the pipeline's other embeddings, e.g. from compel) the pipeline runs on
+        those, and `prompt` is only read to find the targets: it must be the text the embeddings were made
+        from, so that its tokens sit in the same columns."""
         plan = self.plan(prompt, targets, **kwargs)
         if plan is None:
             warnings.warn("attnreg: no targets given or found; running the pipeline without regulation", stacklevel=2)
-            return self.pipe(prompt=prompt, **kwargs)
+            return self.pipe(prompt=pipeline_prompt(prompt, kwargs), **kwargs)
         return self.run(prompt, plan, **kwargs)
 
     def plan(self, prompt: str | list[str], targets=None, **kwargs) -> CallPlan | None:
@@ -195,8 +214,9 @@ class AttentionRegulator:
             raise RuntimeError("this AttentionRegulator was removed; make a new one")
         if not self.layers:
             warnings.warn(NO_LAYERS, stacklevel=2)
-        if prompt is None or kwargs.get("prompt_embeds") is not None:
-            raise ValueError("attnreg needs the prompt text (to find the target tokens), not prompt_embeds")
+        if prompt is None:
+            raise ValueError("attnreg needs the prompt text to find the target tokens; with prompt_embeds (compel's "
+                             "weighted prompts, for example) pass the text they were made from as `prompt` too")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         resolved = [self.resolve(p, t) for p, t in zip(prompts, self._per_prompt_targets(prompts, targets))]
         for r in resolved:
@@ -333,7 +353,7 @@ class AttentionRegulator:
         state.start(plan)
         try:
             model.set_attn_processor(wrapped)
-            return self.pipe(prompt=prompt, callback_on_step_end=on_step_end, **kwargs)
+            return self.pipe(prompt=pipeline_prompt(prompt, kwargs), callback_on_step_end=on_step_end, **kwargs)
         finally:
             model.set_attn_processor(originals)
             hook.remove()

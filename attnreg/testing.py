@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokenizer import load_clip_tokenizer
+from .tokenizer import CLIP_TEXT_IDS, load_clip_tokenizer
 
 
 def _text_encoder(hidden: int, projection: int | None = None, seed: int = 0):
@@ -17,8 +17,7 @@ def _text_encoder(hidden: int, projection: int | None = None, seed: int = 0):
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=5, num_attention_heads=4,
-        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        projection_dim=projection or hidden,
+        **CLIP_TEXT_IDS, projection_dim=projection or hidden,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from .tokenizer import load_clip_tokenizer
+from .tokenizer import CLIP_TEXT_IDS, load_clip_tokenizer
 
 # The shapes world's words, the calibration prompts' objects and the tests' words, in short captions.
 _WORDS = (
@@ -62,8 +62,7 @@ def _clip(hidden: int, seed: int):
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        projection_dim=hidden, hidden_act="gelu",
+        **CLIP_TEXT_IDS, projection_dim=hidden, hidden_act="gelu",
     )
     return CLIPTextModelWithProjection(cfg).eval()
 
@@ -126,8 +125,8 @@ def tiny_flux_pipeline(seed: int = 0, num_layers: int = 3, guidance_embeds: bool
     ).eval()
     torch.manual_seed(seed)
     clip = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="gelu",
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, **CLIP_TEXT_IDS,
+        hidden_act="gelu",
     )).eval()
     t5_tok = tiny_t5_tokenizer()
     pipe = FluxPipeline(

@@ -11,7 +11,7 @@ from oracles import (autograd_rows_bound, bound_loss, concentration_loss, relati
 
 from attnreg import AttentionRegulator, RegulationConfig
 from attnreg.calibrate import (
-    CalibrationError, atomic_write_json, cached_calibration_path, calibrate, find_calibration, write_calibration,
+    CalibrationError, cached_calibration_path, calibrate, find_calibration, write_calibration,
 )
 from attnreg.config import ConfigError
 from attnreg.regulation import neglected
@@ -124,7 +124,7 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr("attnreg.files.os.replace", fail)
     with pytest.raises(CalibrationError, match="cannot write"):
-        atomic_write_json(path, {"calibration": "new"})
+        write_calibration(tmp_path, {"layers": ["new"]})
     assert path.read_text() == '{"calibration": "old"}'
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 

@@ -7,7 +7,8 @@ import pytest
 
 from attnreg.eval.datasets import ANIMALS, COLOURS, OBJECTS, DatasetError, ae_prompts, load_dataset
 from attnreg.eval.io import noise_seed
-from attnreg.eval.metrics import IMAGENET_TEMPLATES, split_prompt
+from attnreg.eval.metrics import split_prompt
+from attnreg.eval.scorers import IMAGENET_TEMPLATES
 from attnreg.eval.runner import parse_seeds, parse_sets
 
 

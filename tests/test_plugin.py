@@ -248,3 +248,15 @@ def test_explicit_path_mirrors_the_diffusers_processor(sd):
     want = AttnProcessor2_0()(attn, hidden, context)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(keep.probs.sum(-1), torch.ones(keep.probs.shape[:-1]))
+
+
+def test_prompt_embeds_run_the_pipeline_and_the_text_finds_the_targets(sd, vanilla):
+    # compel's users: their embeddings go to the pipeline, the text they were made from locates the targets
+    reg = AttentionRegulator(sd, RegulationConfig.paper())
+    embeds, negative = sd.encode_prompt(PROMPT, "cpu", 1, True)
+    regulated = images(reg, targets=["cat", "dog"])
+    assert np.abs(regulated - vanilla).max() > 1e-3
+    np.testing.assert_array_equal(images(reg, targets=["cat", "dog"], prompt_embeds=embeds,
+                                         negative_prompt_embeds=negative), regulated)
+    with pytest.raises(ValueError, match="pass the text they were made from as `prompt`"):
+        reg(None, targets=[2, 5], prompt_embeds=embeds, negative_prompt_embeds=negative)

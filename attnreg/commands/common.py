@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from ..names import split_list
-from ..options import OptionError, config_options, parse_seed
+from ..options import DEFAULT_GUIDANCE, OptionError, config_options, parse_seed
 
 
 class Parser(argparse.ArgumentParser):
@@ -116,7 +116,8 @@ def add_threads_arg(p: argparse.ArgumentParser, note: str = "") -> None:
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """The pipeline-call options every sub-command that generates shares."""
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default: 50)")
-    p.add_argument("--guidance", type=guidance_scale, default=7.5, help="classifier-free guidance scale, > 1 (default: 7.5)")
+    p.add_argument("--guidance", type=guidance_scale, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale, > 1 (default: {DEFAULT_GUIDANCE})")
     p.add_argument("--size", type=image_size, default=None, help="image height and width, a multiple of 8 (default: the model's)")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..names import option_value
-from ..options import config_option, parse_seeds  # noqa: F401 - parse_seeds: the runner's public name too
+from ..options import DEFAULT_GUIDANCE, config_option, parse_seeds  # noqa: F401 - parse_seeds: the runner's public name too
 from ..provenance import model_source, versions
 from .datasets import Prompt, load_dataset
 from .io import (
@@ -157,7 +157,7 @@ class BenchmarkOptions:
     model: str | None = None  # None: the embedded shapes model
     out: str | Path = "bench"
     steps: int = 50
-    guidance: float = 7.5
+    guidance: float = DEFAULT_GUIDANCE
     size: int | None = None  # None: the model's own image size
     max_sequence_length: int | None = None  # SD3 / FLUX: the T5 length (SD3 without T5: its zero columns); None: the pipeline's
     limit: int | None = None

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..tokenizer import CLIP_TEXT_IDS
+
 WORDS = (
     "a an the and with of in on cat dog bird bear lion horse elephant monkey frog turtle rabbit mouse backpack glasses "
     "crown suitcase chair balloon bow car bowl bench clock apple red orange yellow green blue purple pink brown gray "
@@ -31,8 +33,7 @@ def tiny_clip(path: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(TINY_TOWER, vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
+        text_config=dict(TINY_TOWER, **CLIP_TEXT_IDS),
         vision_config=TINY_VISION,
         projection_dim=16,
     )
@@ -69,8 +70,7 @@ def tiny_owl(path: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = Owlv2Config(
-        text_config=dict(TINY_TOWER, vocab_size=49408, max_position_embeddings=16, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=0),
+        text_config=dict(TINY_TOWER, **{**CLIP_TEXT_IDS, "max_position_embeddings": 16, "pad_token_id": 0}),
         vision_config=TINY_VISION,
         projection_dim=32,  # OWL: must equal the text hidden size
     )

@@ -16,25 +16,19 @@ class JointAttentionRegulator(AttentionRegulator):
     text_stream: SD3 only, "t5" (default when the pipeline has T5) or "clip" (default without it).
     """
 
+    calibrates_on_first_use = False  # see AttentionRegulator and the package docstring
+
     def __init__(self, pipe, config: RegulationConfig | None = None, text_stream: str | None = None):
         self.family = joint_family(pipe)
         if self.family is None:
             check_pipeline(pipe)  # the error naming what is supported
             raise UnsupportedPipelineError(f"{type(pipe).__name__} has no joint attention; use AttentionRegulator")
-        self.pipe = pipe
-        self.config = config or RegulationConfig()
         self.stream = choose_text_stream(pipe, self.family, text_stream)
-        layers = self.config.layers
-        if layers is None and self.config.layer_choice == "calibrated":
-            from ..calibrate import calibrated_layers
-
-            # A calibration the model has; none is run here (see the module docstring): else the rule.
-            layers = calibrated_layers(pipe, allow_run=False)
-        self.layers = self.select_layers(layers)
-        self.state = RegulationState(self.config, self.layers, guided=self.family == "sd3", image_keys=True)
-        self.last_targets: list[dict] = []
-        self._removed = False
+        super().__init__(pipe, config)
         self._length = self._max_length({})
+
+    def _new_state(self) -> RegulationState:
+        return RegulationState(self.config, self.layers, guided=self.family == "sd3", image_keys=True)
 
     def _max_length(self, kwargs) -> int:
         if self.stream.name == "clip":

@@ -14,6 +14,11 @@ from pathlib import Path
 
 BPE_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 N_MERGES = 49152 - 256 - 2  # OpenAI's count: vocab 49408 minus the byte and special tokens
+VOCAB_SIZE = 49408
+SOS_ID, EOS_ID = 49406, 49407  # <|startoftext|>, <|endoftext|> (also SD's padding)
+# what a CLIPTextConfig needs to read this tokenizer's ids (75 words + SOS + EOS)
+CLIP_TEXT_IDS = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=77, bos_token_id=SOS_ID, eos_token_id=EOS_ID,
+                     pad_token_id=EOS_ID)
 
 
 def bytes_to_unicode() -> dict[int, str]:

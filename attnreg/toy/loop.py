@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_write
+from ..tokenizer import CLIP_TEXT_IDS
 from .world import COLOUR_NAMES, SHAPES, caption, random_scene, render
 
 PHASES = ("vae", "latents", "unet", "mmdit")  # step_rng seeds by the index: append only
@@ -110,9 +111,9 @@ def build_text_encoder(cfg: Config, hidden: int | None = None, layers: int | Non
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     hidden = hidden or cfg.text_hidden
-    tc = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate or cfg.text_intermediate,
+    tc = CLIPTextConfig(hidden_size=hidden, intermediate_size=intermediate or cfg.text_intermediate,
                         num_hidden_layers=layers or cfg.text_layers, num_attention_heads=heads or cfg.text_heads,
-                        max_position_embeddings=cfg.max_length, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                        **{**CLIP_TEXT_IDS, "max_position_embeddings": cfg.max_length},
                         **({"projection_dim": hidden} if projection else {}))
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(tc)
 
