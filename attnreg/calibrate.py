@@ -1,9 +1,8 @@
 """Calibration: which cross-attention layers of a model read the prompt's objects, measured on the model.
 
-The paper's layer choice (SD's 16 x 16 layers) was tuned on SD 1.4 and does not carry over: on the
-embedded model those layers put 93-98 % of their attention on EOS padding while its 8 x 8 layers read
-the words. So the `auto` preset edits the layers that a few vanilla generations show to localise the
-target tokens, and this module finds them:
+The paper's layer choice (SD's 16 x 16 layers) was tuned on SD 1.4 and need not carry over to another
+model (docs/decisions.md: on the embedded model it does not). So the `auto` preset edits the layers that a
+few vanilla generations show to localise the target tokens, and this module finds them:
 
     result = calibrate(pipe)                 # a few vanilla runs, every cross-attention layer observed
     result["layers"]                         # the chosen attn2 modules
@@ -16,10 +15,10 @@ Per layer, on the conditional half, the head-averaged map of each target token i
 A layer's score is its mean contrast; a layer whose target maps are flat (however much mass) or
 empty scores 0. The chosen layers are those within `keep` of the best score.
 
-SD3 and FLUX (joint.py) are calibrated the same way over their joint blocks (FLUX: the single-stream
+SD3 and FLUX (attnreg.joint) are calibrated the same way over their joint blocks (FLUX: the single-stream
 ones too), on what their processor hands observers: the image-query rows at the target text columns,
 the softmax over text + image keys, so J (the uniform row's width) is the text columns plus the image
-tokens. Their regulator reads a calibration the model has but never runs one itself (joint.py says why).
+tokens. Their regulator reads a calibration the model has but never runs one itself (`calibrates_on_first_use`).
 """
 
 from __future__ import annotations

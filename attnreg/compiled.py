@@ -5,7 +5,7 @@ the offsets and the softmax) through `torch.compile`, chosen per device, with an
 can fuse them: on CPU, inductor's C++ backend turns its ~380 ATen calls into a few dozen fused loops and
 the matrix products and top-k it keeps (benchmarks/archive/compiled_edit.py); on CUDA, mode "reduce-overhead"
 also captures it as a CUDA graph, one launch per edited call. The first call pays
-for compiling: 10-75 s on the 2-core CPU here (less when inductor's on-disk graph cache has the shape),
+for compiling: tens of seconds on a small CPU (less when inductor's on-disk graph cache has the shape),
 so `compile="auto"` compiles on CUDA only; on CPU it pays off only over hundreds of images in one process
 (`compile="on"`, e.g. a benchmark). Each new shape (map size, rows, targets) may compile again; past
 dynamo's recompile limit it runs eager, still correct.

@@ -158,7 +158,7 @@ def add_regulation_args(p: argparse.ArgumentParser) -> None:
                    "is an error that says so)")
     p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
                    help="the default's solver through torch.compile: auto = on CUDA only (default), on (also CPU: the first "
-                   "call compiles for 10-75 s), off = eager; a failed compile falls back to eager with a warning")
+                   "call compiles for tens of seconds), off = eager; a failed compile falls back to eager with a warning")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="options",
                    help="any RegulationConfig field (attnreg/config.py) but preset, repeatable, applied last; the value is "
                    "parsed by the field's type (booleans: true/false, 1/0, yes/no; numbers finite; null for None; "
