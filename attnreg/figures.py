@@ -70,9 +70,7 @@ def maps_figure(ex, scale: str = "panel", view: str = "whole"):
     targets = [(i, t) for i, t in zip(ex.targets["indices"], ex.targets["tokens"])]
 
     def target_map(recorder, step, index):
-        maps = recorder.maps[step][0]
-        m = maps[recorder.token_index(index)]
-        return m / maps.sum(dim=0).clamp_min(1e-12) if view == "text" else m
+        return recorder.target_map(step, index, view)
 
     vmax = None
     if scale == "figure":

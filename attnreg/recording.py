@@ -158,6 +158,14 @@ class AttentionRecorder:
             return [], torch.empty(0)
         return steps, torch.stack([self.stats[s][name] for s in steps])
 
+    def target_map(self, step: int, token: int, view: str = "whole"):
+        """The first image's map of token index `token` at `step`: its share of the whole attention row
+        ("whole"), or per pixel its share of the recorded tokens ("text": of the prompt's words when those are
+        what the recorder keeps)."""
+        maps = self.maps[step][0]
+        m = maps[self.token_index(token)]
+        return m / maps.sum(dim=0).clamp_min(1e-12) if view == "text" else m
+
     def token_index(self, token: int) -> int:
         """Where token index `token` sits along the recorder's token axis."""
         if self.tokens is None:

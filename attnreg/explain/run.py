@@ -265,10 +265,8 @@ def target_shares(plan: _Plan, recorders: dict) -> dict:
         for index, token in zip(plan.info["indices"], plan.info["tokens"]):
             whole, text = [], []
             for step in [s for s in plan.steps_shown if s in recorder.maps]:
-                maps = recorder.maps[step][0]
-                m = maps[recorder.token_index(index)]
-                whole.append(round(float(m.mean()), 5))
-                text.append(round(float((m / maps.sum(dim=0).clamp_min(1e-12)).mean()), 4))
+                whole.append(round(float(recorder.target_map(step, index).mean()), 5))
+                text.append(round(float(recorder.target_map(step, index, "text").mean()), 4))
             out[run][f"{index}:{token}"] = {"steps": [s for s in plan.steps_shown if s in recorder.maps], "whole": whole,
                                             "text": text}
     return out
