@@ -23,20 +23,22 @@ tokens. Their regulator reads a calibration the model has but never runs one its
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-from pathlib import Path
 
 import torch
 
 from . import files
+from .config import RegulationConfig
+from .families import joint_family
+from .geometry import cross_attention_layers
+from .joint.attention import editable_layers
+from .modelspec import (CALIBRATION_VERSION, CalibrationError, cached_calibration_path, model_calibration_prompts)
 from .options import DEFAULT_GUIDANCE
+from .regulator import AttentionRegulator
+from .tokens import auto_targets
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 1
 
 # Generic two- and three-object prompts, for a model that declares none (COCO-like objects, the nouns
 # are the targets). A model trained on another world lists its own in attnreg.json ("calibration_prompts").
@@ -52,8 +54,6 @@ DEFAULT_PROMPTS = (
 )
 
 
-class CalibrationError(ValueError):
-    """Calibration cannot run on this model or these prompts, or its result cannot be written."""
 
 
 class LayerStats:
@@ -106,7 +106,6 @@ def choose_layers(stats: dict[str, dict[str, float]], keep: float = 0.5) -> list
 def _calibration_targets(reg, prompts, targets) -> tuple[list[str], list[list[int]]]:
     """The prompts (given, the model's, or the generic ones) and their target token indices (the columns
     the regulator `reg` edits)."""
-    from .tokens import auto_targets
 
     prompts = list(prompts or model_calibration_prompts(reg.pipe) or DEFAULT_PROMPTS)
     if not prompts:
@@ -135,12 +134,6 @@ def calibrate(
     """Vanilla runs of `prompts` x `seeds`, every cross-attention layer (SD3/FLUX: every joint block)
     observed over the first `edit_fraction` of the steps (the ones regulation edits); returns the
     statistics and the choice. `call`: more keywords for the pipeline (height, max_sequence_length, ...)."""
-    from .config import RegulationConfig
-    from .geometry import cross_attention_layers
-    from .families import joint_family
-    from .joint.attention import editable_layers
-    from .regulator import AttentionRegulator
-
     if getattr(pipe, "unet", None) is not None:
         layers = cross_attention_layers(pipe.unet)
         what = f"{type(pipe.unet).__name__} has no cross-attention layer (attn2)"
@@ -186,109 +179,39 @@ def calibrate(
     }
 
 
-# -- where calibrations live ------------------------------------------------------------------------
 
 
-def denoiser(pipe):
-    """The model calibration reads and attnreg.json sits beside: the UNet, or SD3's/FLUX's transformer."""
-    unet = getattr(pipe, "unet", None)
-    return unet if unet is not None else pipe.transformer
 
 
-def model_folder(pipe) -> Path | None:
-    """The local folder the pipeline was loaded from (its UNet's or transformer's parent), or None."""
-    source = getattr(denoiser(pipe).config, "_name_or_path", None)
-    if not source:
-        return None
-    folder = Path(source).parent
-    return folder if (folder / "model_index.json").is_file() else None
 
 
-def model_spec(unet) -> dict:
-    """The model's `attnreg.json` beside the folder its UNet (or transformer, `unet` being the pipeline's
-    denoiser) was loaded from (docs/attnreg-json.md), or {}."""
-    source = getattr(unet.config, "_name_or_path", None)
-    spec = Path(source).parent / "attnreg.json" if source else None
-    if spec is None or not spec.is_file():
-        return {}
-    return json.loads(spec.read_text())
 
 
-def model_calibration_prompts(pipe) -> list[str]:
-    return list(model_spec(denoiser(pipe)).get("calibration_prompts") or [])
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("ATTNREG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "attnreg"
-    )
-    return Path(base)
 
 
-def model_key(pipe) -> str:
-    """A cache key for a model: where it was loaded from plus its UNet's (or transformer's) configuration."""
-    model = denoiser(pipe)
-    source = str(getattr(model.config, "_name_or_path", "") or "")
-    config = json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}, sort_keys=True, default=str)
-    return hashlib.sha256(f"{Path(source).parent if source else ''}|{config}".encode()).hexdigest()[:16]
 
 
-def cached_calibration_path(pipe) -> Path:
-    return cache_dir() / f"{model_key(pipe)}.json"
 
 
-def find_calibration(pipe) -> dict | None:
-    """The model's calibration: its attnreg.json's "calibration", else the user cache's, else None."""
-    found = model_spec(denoiser(pipe)).get("calibration")
-    if found and found.get("version") == CALIBRATION_VERSION:
-        return found
-    path = cached_calibration_path(pipe)
-    if path.is_file():
-        try:
-            found = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None  # a damaged cache entry is recomputed
-        if found.get("version") == CALIBRATION_VERSION:
-            return found
-    return None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write `data` to `path` so that an interrupted write leaves the previous file intact."""
-    try:
-        files.atomic_write_json(path, data, indent=2, sort_keys=False)
-    except OSError as err:
-        raise CalibrationError(f"cannot write {path}: {err.strerror or err}") from err
 
 
-def write_calibration(folder: Path, result: dict) -> Path:
-    """Store `result` under "calibration" in folder/attnreg.json, keeping the file's other keys."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CalibrationError(f"{folder} is not a folder")
-    spec_path = folder / "attnreg.json"
-    spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-    spec["calibration"] = result
-    _write_json(spec_path, spec)
-    return spec_path
 
 
-def calibrated_layers(pipe, allow_run: bool = True) -> tuple[str, ...] | None:
-    """The layers the `auto` preset edits: from the model's calibration, or calibrated now and cached in
-    the user cache folder (one line says so), or None when that is not possible (the caller falls back
-    to the structural rule)."""
-    found = find_calibration(pipe)
-    if found:
-        return tuple(found["layers"])
-    if not allow_run:
-        return None
+def calibrated_layers(pipe) -> tuple[str, ...] | None:
+    """The layers of a model that has no stored calibration: calibrated now and cached in the user cache
+    folder (one line says so), or None when that is not possible (the caller falls back to the structural
+    rule). The regulator's first-use calibration (`AttentionRegulator.first_use_calibration`)."""
     path = cached_calibration_path(pipe)
     # a warning, so that Python users without a logging set-up see it too: it takes a while
     log.warning("calibrating this model's layers (first use; cached in %s)", path)
     try:
         result = calibrate(pipe)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(path, result)
+        files.atomic_write_json(path, result, indent=2, sort_keys=False)
     except (CalibrationError, OSError) as err:
         log.warning("calibration not possible (%s); using the structural layer rule", err)
         return None

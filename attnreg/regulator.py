@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from .config import RegulationConfig
 from .families import SUPPORTED_PIPELINES, UnsupportedPipelineError, check_pipeline, joint_family
 from .geometry import block_level, cross_attention_layers, layer_blocks
+from .modelspec import find_calibration, model_spec
 from .names import split_list
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
 from .tokens import TargetError, auto_targets, eos_index, modifier_columns, resolve_targets, token_table
@@ -31,7 +32,6 @@ class GuidanceError(ValueError):
 def default_layers(unet) -> tuple[str, ...]:
     """The model's own choice (`attnreg.json` beside its weights), else every block at the lowest
     cross-attention resolution except the mid block: SD's 16 x 16 layers at 512 px."""
-    from .calibrate import model_spec
 
     layers = model_spec(unet).get("paper_layers")
     if layers:
@@ -109,6 +109,9 @@ class AttentionRegulator:
     # so; cached in the user cache): on a UNet a few short vanilla runs. The MMDiT regulator does not, since
     # there a calibration costs far more than the call; it uses the structural rule until `attnreg calibrate`.
     calibrates_on_first_use = True
+    # what runs that calibration: pipe -> layers or None (`calibrate.calibrated_layers`, installed by the
+    # package's __init__: calibrate.py observes the model through a regulator, so it imports this module)
+    first_use_calibration = None
 
     def __init__(self, pipe, config: RegulationConfig | None = None):
         check_pipeline(pipe)
@@ -116,10 +119,11 @@ class AttentionRegulator:
         self.config = config or RegulationConfig()
         layers = self.config.layers
         if layers is None and self.config.layer_choice == "calibrated":
-            from .calibrate import calibrated_layers
-
-            # None when it cannot be had: the structural rule of select_layers
-            layers = calibrated_layers(pipe, allow_run=self.calibrates_on_first_use)
+            found = find_calibration(pipe)
+            if found:
+                layers = tuple(found["layers"])
+            elif self.calibrates_on_first_use and self.first_use_calibration is not None:
+                layers = self.first_use_calibration(pipe)  # None when it cannot be had: the structural rule
         self.layers = self.select_layers(layers)
         self.state = self._new_state()
         self.last_targets: list[dict] = []

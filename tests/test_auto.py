@@ -10,9 +10,8 @@ from oracles import (autograd_rows_bound, bound_loss, concentration_loss, relati
                      relative_loss_and_grad)
 
 from attnreg import AttentionRegulator, RegulationConfig
-from attnreg.calibrate import (
-    CalibrationError, cached_calibration_path, calibrate, find_calibration, write_calibration,
-)
+from attnreg.calibrate import calibrate
+from attnreg.modelspec import CalibrationError, cached_calibration_path, find_calibration, write_calibration
 from attnreg.config import ConfigError
 from attnreg.regulation import neglected
 from attnreg.regulation import (

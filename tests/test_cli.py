@@ -235,7 +235,7 @@ def test_generate_record_says_how_to_make_the_image_again(tiny_model, tmp_path, 
 def test_a_regulator_with_no_layer_says_so(tiny_model, tmp_path, capsys):
     import shutil
 
-    from attnreg.calibrate import CALIBRATION_VERSION
+    from attnreg.modelspec import CALIBRATION_VERSION
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)

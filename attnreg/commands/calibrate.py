@@ -24,7 +24,8 @@ def register(sub) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from ..calibrate import CalibrationError, calibrate, model_folder, write_calibration
+    from ..calibrate import calibrate
+    from ..modelspec import CalibrationError, model_folder, write_calibration
 
     seeds = parse_seeds(args.seeds)
     prompts = None
