@@ -366,3 +366,11 @@ def test_owl_and_clip_backends_run_on_tiny_models(tmp_path):
     assert data["settings"]["detector"] == "owlv2" and data["settings"]["clip_model"] == str(clip)
     assert len(data["items"]) == len(SCENES)
     assert all(isinstance(v["correct"], bool) and isinstance(v["reason"], str) for v in data["items"].values())
+
+
+@pytest.mark.parametrize("dataset,metric", [("geneval", "geneval"), ("geneval:my.jsonl", "geneval"), ("shapes", "detect"),
+                                            ("t2i-compbench", "clip")])
+def test_auto_metrics_are_each_data_sets_own_scorer(dataset, metric, tmp_path):
+    from attnreg.eval.runner import BenchmarkOptions
+
+    assert BenchmarkOptions(dataset=dataset, methods="sd", out=tmp_path / "o").metrics == [metric]

@@ -88,7 +88,7 @@ def register(sub) -> None:
                    help="SD3 / FLUX only: the call's max_sequence_length, the T5 length (SD3 without T5: its zero "
                    "columns; the embedded MMDiT is trained for 8 and 256) (default: the pipeline's)")
     b.add_argument("--metrics", default="auto",
-                   help=f"comma-separated, from: {', '.join(METRICS)}; none; auto (default: detect for shapes, clip otherwise)")
+                   help=f"comma-separated, from: {', '.join(METRICS)}; none; auto (default: detect for shapes, geneval for geneval, clip otherwise)")
     add_sampling_args(b)
     b.add_argument("--limit", type=int, default=None, help="at most N prompts per subset")
     b.add_argument("--device", default="cpu", help="cpu, cuda, ... (each process takes its own GPU when distributed)")

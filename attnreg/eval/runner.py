@@ -183,8 +183,8 @@ class BenchmarkOptions:
         if unknown:
             raise ValueError(f"--set names method(s) {', '.join(unknown)} that are not in --methods {','.join(self.methods)}")
         self.seeds = parse_seeds(self.seeds)
-        if self.metrics == "auto":
-            self.metrics = "detect" if self.dataset == "shapes" else "clip"
+        if self.metrics == "auto":  # each data set's own scorer; CLIP similarity where it has none
+            self.metrics = {"shapes": "detect", "geneval": "geneval"}.get(self.dataset.partition(":")[0], "clip")
         self.metrics = parse_metrics(self.metrics)
         check_metrics(self.metrics)
         self.metric_options = dict(self.metric_options or {})
