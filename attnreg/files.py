@@ -1,9 +1,12 @@
-"""Writing files so that an interrupted write leaves the previous file as it was."""
+"""Files: written so that an interrupted write leaves the previous file as it was, and named after prompts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import unicodedata
 from pathlib import Path
 from typing import Callable
 
@@ -52,3 +55,16 @@ def atomic_write_json(path: Path, data, indent: int = 1, sort_keys: bool = True,
 def atomic_save_image(path: Path, image) -> None:
     """A PIL image as PNG."""
     atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """The words of `text` (any script, NFKC, lower-cased) joined by "-" and cut at `limit` characters;
+    "x" when nothing is left (a prompt of emoji only)."""
+    words = re.sub(r"[^\w]+", "-", unicodedata.normalize("NFKC", text).lower()).strip("-_")
+    return words[:limit].strip("-_") or "x"
+
+
+def prompt_stem(text: str, limit: int = 60) -> str:
+    """A file-name stem for a prompt: its slug plus a short hash of the whole prompt, so prompts that
+    differ only in symbols, in the order of emoji or past the cut never share a name."""
+    return f"{slug(text, limit)}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:6]}"

@@ -9,7 +9,6 @@ import types
 import typing
 from functools import lru_cache
 
-from .names import option_value, split_list
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 MAX_SEEDS = 1_000_000  # a range longer than this is a typo, not a job
@@ -20,6 +19,22 @@ NOT_OPTIONS = {"preset": "choose the preset with --preset"}  # names a configura
 
 
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's own: the command line's, the benchmark's and calibration's default
+
+
+def split_list(text: str | None, sep: str = ",") -> list[str] | None:
+    """"a, b,,c" -> ["a", "b", "c"]; None stays None (an option that was not given)."""
+    if text is None:
+        return None
+    return [t.strip() for t in text.split(sep) if t.strip()]
+
+
+def option_value(text: str):
+    """The VALUE of a `--set ...=VALUE`: JSON when it parses as JSON (a list becomes a tuple), else the text."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text  # e.g. loss=relative
+    return tuple(value) if isinstance(value, list) else value
 
 
 class OptionError(ValueError):

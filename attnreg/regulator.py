@@ -11,7 +11,7 @@ from .config import RegulationConfig
 from .families import SUPPORTED_PIPELINES, UnsupportedPipelineError, check_pipeline, joint_family
 from .geometry import block_level, cross_attention_layers, layer_blocks
 from .modelspec import find_calibration, model_spec
-from .names import split_list
+from .options import split_list
 from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
 from .tokens import TargetError, auto_targets, eos_index, modifier_columns, resolve_targets, token_table
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .names import split_list
+from .options import split_list
 
 
 class TargetError(ValueError):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from attnreg import RegulationConfig
 from attnreg.cli import main
-from attnreg.names import prompt_stem as slug
+from attnreg.files import prompt_stem as slug
 from attnreg.testing import tiny_sd_pipeline
 
 

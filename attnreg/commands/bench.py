@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..names import split_list
+from ..options import split_list
 from .common import MODEL_HELP, add_sampling_args, add_threads_arg, model_name, positive_int
 
 

@@ -7,8 +7,7 @@ import argparse
 import math
 from pathlib import Path
 
-from ..names import split_list
-from ..options import DEFAULT_GUIDANCE, OptionError, config_options, parse_seed
+from ..options import DEFAULT_GUIDANCE, OptionError, config_options, parse_seed, split_list
 
 
 class Parser(argparse.ArgumentParser):

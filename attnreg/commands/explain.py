@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..explain import MAP_SCALES
-from ..names import prompt_stem, split_list
+from ..files import prompt_stem
+from ..options import split_list
 from ..tokens import command_line_targets
 from .common import (
     add_model_args, add_regulation_args, add_sampling_args, int_list, load_model, prepare_run, regulation_config,

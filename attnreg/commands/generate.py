@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..files import atomic_save_image, atomic_write_text
-from ..names import prompt_stem
+from ..files import prompt_stem
 from ..options import SEED_MAX
 from ..tokens import command_line_targets
 from .common import (

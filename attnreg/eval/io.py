@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..files import atomic_save_image, atomic_write_json  # noqa: F401 - the benchmark folder's writers
-from ..names import slug
+from ..files import slug
 
 
 def stable_hash(*parts) -> str:

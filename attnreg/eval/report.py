@@ -178,7 +178,7 @@ def _grids(out: Path, records: list[dict], max_prompts: int = 8) -> dict:
     """One grid per (dataset, subset): rows = the first prompts, columns = methods, at the first seed
     that every method has for that prompt."""
     from ..figures import image_grid
-    from ..names import slug
+    from ..files import slug
 
     by_subset = defaultdict(list)
     for r in records:

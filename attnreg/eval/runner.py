@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..names import option_value
-from ..options import DEFAULT_GUIDANCE, config_option, parse_seeds  # noqa: F401 - parse_seeds: the runner's public name too
+from ..options import DEFAULT_GUIDANCE, config_option, option_value, parse_seeds  # noqa: F401 - parse_seeds: the runner's public name too
 from ..provenance import model_source, versions
 from .datasets import Prompt, load_dataset
 from .io import (
