@@ -265,7 +265,7 @@ def test_only_a_loopback_host_starts_without_a_warning():
 def test_the_app_runs_on_an_mmdit_pipeline():
     """The page's run on an SD3 pipeline (the tiny config): progress counts the transformer's steps, the maps
     are drawn, and the regulated image differs."""
-    from attnreg.testing_mmdit import tiny_sd3_pipeline
+    from attnreg.testing.mmdit import tiny_sd3_pipeline
 
     engine = Engine(tiny_sd3_pipeline(t5=False), embedded=False, default_steps=4)
     seen = []

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "attnreg"
 DOC = (ROOT / "docs" / "architecture.md").read_text()
-TEST_HELPERS = {"attnreg.testing", "attnreg.testing_mmdit", "attnreg.eval.testing"}
+TEST_HELPERS = {"attnreg.testing", "attnreg.testing.mmdit", "attnreg.testing.metrics"}
 
 
 def module_name(path: Path) -> str:

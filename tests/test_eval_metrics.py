@@ -10,7 +10,7 @@ from PIL import Image
 from attnreg.eval import MetricError, MetricModelError, score_dir, write_report
 from attnreg.eval.io import atomic_save_image, atomic_write_json, image_path, item_key, iter_records, record_path
 from attnreg.eval.metrics import Clip
-from attnreg.eval.testing import tiny_blip, tiny_clip, tiny_owl
+from attnreg.testing.metrics import tiny_blip, tiny_clip, tiny_owl
 
 
 

@@ -336,7 +336,7 @@ def test_owl_and_clip_backends_run_on_tiny_models(tmp_path):
     from PIL import Image
 
     from attnreg.eval.detectors import OwlBackend, geneval_classes
-    from attnreg.eval.testing import tiny_clip, tiny_owl
+    from attnreg.testing.metrics import tiny_clip, tiny_owl
 
     owl, clip = tiny_owl(tmp_path / "owl"), tiny_clip(tmp_path / "clip")
     backend = OwlBackend(str(owl), str(clip), min_score=0.0)

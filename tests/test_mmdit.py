@@ -1,5 +1,5 @@
 """The plug-in on tiny SD3 (and FLUX) pipelines built from configs: real diffusers MMDiT classes and
-processors, the real CLIP tokenizer and a real T5 tokenizer built offline (attnreg.testing_mmdit)."""
+processors, the real CLIP tokenizer and a real T5 tokenizer built offline (attnreg.testing.mmdit)."""
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ from attnreg import (
 )
 from attnreg.joint import CLIP_LENGTH, JointAttentionRegulator, JointRegulatedProcessor, joint_attention_layers
 from attnreg.testing import TargetMass
-from attnreg.testing_mmdit import tiny_sd3_pipeline
+from attnreg.testing.mmdit import tiny_sd3_pipeline
 
 PROMPT = "a red circle and a blue square"
 STEPS = 4
@@ -250,7 +250,7 @@ def test_unsupported_mmdit_variants_are_named(sd3):
 def test_a_transformer_without_a_text_stream_is_named():
     from diffusers import DiTPipeline, DiTTransformer2DModel, DDIMScheduler
 
-    from attnreg.testing_mmdit import _vae
+    from attnreg.testing.mmdit import _vae
 
     transformer = DiTTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=2, num_embeds_ada_norm=10)
@@ -266,7 +266,7 @@ FLUX_PROMPT = "circle next to a blue square"  # a target at T5 token 0: column 0
 
 @pytest.fixture(scope="module")
 def flux():
-    from attnreg.testing_mmdit import tiny_flux_pipeline
+    from attnreg.testing.mmdit import tiny_flux_pipeline
 
     return tiny_flux_pipeline()
 

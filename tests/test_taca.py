@@ -8,7 +8,7 @@ import torch
 
 from attnreg.regulator import UnsupportedPipelineError
 from attnreg.taca import TacaSchedule, TextAttentionScaling, TextScaledProcessor
-from attnreg.testing_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
+from attnreg.testing.mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
 
 CALL = dict(num_inference_steps=3, height=64, width=64, max_sequence_length=32, output_type="np")
 

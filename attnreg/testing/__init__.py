@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokenizer import CLIP_TEXT_IDS, load_clip_tokenizer
+from ..tokenizer import CLIP_TEXT_IDS, load_clip_tokenizer
 
 
 def _text_encoder(hidden: int, projection: int | None = None, seed: int = 0):

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from .tokenizer import CLIP_TEXT_IDS, load_clip_tokenizer
+from ..tokenizer import CLIP_TEXT_IDS, load_clip_tokenizer
 
 # The shapes world's words, the calibration prompts' objects and the tests' words, in short captions.
 _WORDS = (
