@@ -222,3 +222,21 @@ def test_sigterm_checkpoints_and_exits(command, tmp_path):
     assert proc.returncode == 0 and time.time() - start < 60
     assert "stop requested, checkpoint written" in rest, "".join(lines) + rest
     assert torch.load(out / "mmdit.pt", weights_only=False)["step"] >= 5
+
+
+def test_pooled_off_exports_zero_projections_and_init_starts_from_an_export(run, tmp_path):
+    from safetensors.torch import load_file
+
+    _, export, _ = run
+    out, again = tmp_path / "run", tmp_path / "model"
+    assert train(["--arch", "mmdit", "--config", "tiny", "--out", str(out), "--export", str(again),
+                  "--set", "pooled=false", f"init={export}"]) == 0
+    for encoder in ("text_encoder", "text_encoder_2"):  # SD3's pooled vector is made from these: all zero
+        weights = load_file(again / encoder / "model.safetensors")
+        assert torch.count_nonzero(weights["text_projection.weight"]) == 0
+        assert torch.count_nonzero(load_file(export / encoder / "model.safetensors")["text_projection.weight"]) > 0
+    # 3 steps from the export's weights stay near them (a fresh start would be far) and did move them
+    before = load_file(export / "transformer" / "diffusion_pytorch_model.safetensors")
+    after = load_file(again / "transformer" / "diffusion_pytorch_model.safetensors")
+    gap = max(float((after[k] - before[k]).abs().max()) for k in before)
+    assert 0 < gap < 0.02
