@@ -16,7 +16,7 @@ edited), averaged over heads, resized bilinearly to R x R and averaged over the 
 the aggregate Figures 2 and 3 of the paper show. The statistics are taken over the R x R pixels of
 that same aggregate (at R = 16 on SD's 16 x 16 layers: the layers' own pixels).
 
-On SD3 and FLUX (joint attention, joint.py) the same recorder records what the joint processor hands
+On SD3 and FLUX (joint attention, attnreg.joint) the same recorder records what the joint processor hands
 its observers: the image-query rows at the text columns of the joint text sequence (SD3: 77 CLIP
 columns, then T5; FLUX: T5), with the softmax taken over every key column, text and image, as the
 regulator edits it; so a token index is a column of the joint text sequence (`resolve()["indices"]`)
