@@ -68,7 +68,7 @@ def resolve_targets(tokenizer, prompt: str, targets: list[str | int]) -> list[in
                 )
             indices = [target]
         else:
-            indices = _find_phrase(tokenizer, ids, prompt, str(target), table)
+            indices = find_phrase(tokenizer, ids, prompt, str(target), table, (1, len(ids) - 1))  # SOS and EOS out
             if indices[-1] >= limit:
                 raise TargetError(
                     f"target {target!r} is at token {indices[0]} of {prompt!r}, past the "
@@ -109,19 +109,24 @@ def _word_key(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _find_phrase(tokenizer, ids: list[int], prompt: str, target: str, table: list[Token]) -> list[int]:
+def find_phrase(tokenizer, ids: list[int], prompt: str, target: str, table: list[Token], span: tuple[int, int],
+                label: str = "tokens") -> list[int]:
+    """The indices of `target` (a word or phrase, "cat#2" its second occurrence) as a contiguous run of the
+    prompt's token `ids` within `span` (first, end), tokenised by `tokenizer`; a TargetError showing `table`
+    (the prompt's `label`) when it is empty or not there."""
     text, occurrence = target.strip(), 1
     match = _OCCURRENCE.match(text)
     if match:
         text, occurrence = match.group(1).strip(), int(match.group(2))
-    sub = tokenizer(text, add_special_tokens=False).input_ids
-    if not text or not sub:
-        raise TargetError(f"empty target {target!r}; the prompt's tokens are: {format_tokens(table)}")
-    starts = [i for i in range(1, len(ids) - len(sub)) if ids[i : i + len(sub)] == sub]
+    sub = tokenizer(text, add_special_tokens=False).input_ids if text else []
+    if not sub:
+        raise TargetError(f"empty target {target!r}; the prompt's {label} are: {format_tokens(table)}")
+    first, end = span
+    starts = [i for i in range(first, end - len(sub) + 1) if ids[i : i + len(sub)] == sub]
     if len(starts) < occurrence:
         where = "" if not starts else f" (it occurs {len(starts)} time(s))"
         raise TargetError(
-            f"target {target!r} is not in the prompt {prompt!r}{where}; its tokens are: {format_tokens(table)}"
+            f"target {target!r} is not in the prompt {prompt!r}{where}; its {label} are: {format_tokens(table)}"
         )
     start = starts[occurrence - 1]
     return list(range(start, start + len(sub)))

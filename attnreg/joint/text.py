@@ -3,10 +3,9 @@ alone), their tokens, and where a target word's columns are."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from ..tokens import TargetError, Token, eos_index, format_tokens, resolve_targets, token_table
+from ..tokens import TargetError, Token, eos_index, find_phrase, format_tokens, resolve_targets, token_table
 
 CLIP_LENGTH = 77  # SD3's CLIP stream: tokenizer_max_length
 
@@ -32,20 +31,8 @@ def resolve_t5_targets(tokenizer, prompt: str, targets: list[str | int], length:
                                   f"0..{len(table) - 2}: {format_tokens(table)}")
             indices = [target]
         else:
-            text, occurrence = str(target).strip(), 1
-            match = re.match(r"^(.*?)#(\d+)$", text)
-            if match:
-                text, occurrence = match.group(1).strip(), int(match.group(2))
-            sub = tokenizer(text, add_special_tokens=False).input_ids if text else []
-            if not sub:
-                raise TargetError(f"empty target {target!r}; the prompt's T5 tokens are: {format_tokens(table)}")
-            starts = [i for i in range(len(full) - len(sub) + 1) if full[i : i + len(sub)] == sub]
-            if len(starts) < occurrence:
-                where = "" if not starts else f" (it occurs {len(starts)} time(s))"
-                raise TargetError(f"target {target!r} is not in the prompt {prompt!r}{where}; its T5 tokens are: "
-                                  f"{format_tokens(table)}")
-            start = starts[occurrence - 1]
-            indices = list(range(start, start + len(sub)))
+            indices = find_phrase(tokenizer, full, prompt, str(target), table, (0, len(full)), "T5 tokens")
+            start = indices[0]
             if indices[-1] >= length - 1:  # the last slot holds EOS after truncation
                 past.append(f"{target!r} (T5 token {start})")
                 continue
