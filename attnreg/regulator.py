@@ -46,14 +46,21 @@ def default_layers(unet) -> tuple[str, ...]:
     return (deepest, *(b for b in ups if block_level(unet, b) == level))
 
 
+def layers_named(names: list[str], entry: str) -> list[str]:
+    """The attention modules among `names` that `entry` names: itself, or every module under a block prefix
+    (a trailing ".processor", as diffusers' processor dicts write it, is ignored)."""
+    entry = entry.removesuffix(".processor")
+    return [n for n in names if n == entry or n.startswith(entry + ".")]
+
+
 def select_layers(unet, layers: tuple[str, ...] | None) -> frozenset[str]:
     """The cross-attention modules named by `layers` (block prefixes or full module names)."""
     layers = default_layers(unet) if layers is None else layers
     names = cross_attention_layers(unet)
     chosen = set()
     for entry in layers:
+        hits = layers_named(names, entry)
         entry = entry.removesuffix(".processor")
-        hits = [n for n in names if n == entry or n.startswith(entry + ".")]
         if not hits:
             raise LayerError(
                 f"{entry!r} holds no cross-attention layer of this UNet; valid blocks: {', '.join(layer_blocks(unet))} "

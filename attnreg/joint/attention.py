@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..processor import UNCHANGED, RegulationState, regulate_groups
-from ..regulator import LayerError
+from ..regulator import LayerError, layers_named
 
 def joint_attention_layers(transformer) -> list[str]:
     """The attention modules whose keys include a text stream ("transformer_blocks.3.attn"), in order."""
@@ -49,7 +49,7 @@ def select_joint_layers(transformer, layers: tuple[str, ...] | None) -> frozense
         entry = str(entry).removesuffix(".processor")
         if entry.isdigit():
             entry = f"transformer_blocks.{entry}"
-        hits = [n for n in names if n == entry or n.startswith(entry + ".")]
+        hits = layers_named(names, entry)
         if not hits:
             n_joint, n_single = len(joint_attention_layers(transformer)), len(single_stream_layers(transformer))
             singles = f", single_transformer_blocks.0 .. single_transformer_blocks.{n_single - 1}" if n_single else ""
