@@ -31,7 +31,7 @@ class CallPlan:
     # With attribute binding, image_targets holds the nouns' tokens then their modifiers' tokens:
     image_nouns: list[int] | None = None  # how many of image_targets are nouns, per image (None: all)
     image_pairs: list[tuple[tuple[int, int], ...]] | None = None  # (modifier column, noun column), per image
-    image_seeds: list[int] | None = None  # the stream of each image's initial weights (None: config.seed + i)
+    image_seeds: list[int] | None = None  # the stream of each image's initial weights (None: `positional_seeds`)
 
     def groups(self) -> dict[tuple, list[int]]:
         """{(targets, number of nouns, pairs): images}: images sharing their targets are solved together."""
@@ -42,6 +42,11 @@ class CallPlan:
                 pairs = self.image_pairs[image] if self.image_pairs else ()
                 groups.setdefault((targets, n_nouns, pairs), []).append(image)
         return groups
+
+
+def positional_seeds(config, n_images: int) -> list[int]:
+    """The initial-weight streams of a call's images when no generator keys them: by position."""
+    return [config.seed + i for i in range(n_images)]
 
 
 @dataclass
@@ -70,7 +75,7 @@ class RegulationState:
     def start(self, plan: CallPlan | None) -> None:
         self.plan, self.step, self.latent_hw, self.text_tokens = plan, 0, None, None
         # Each image draws its initial weights from its own stream, so it does not depend on its batch.
-        seeds = [] if plan is None else plan.image_seeds or [self.config.seed + i for i in range(plan.n_images)]
+        seeds = [] if plan is None else plan.image_seeds or positional_seeds(self.config, plan.n_images)
         self.generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         self.previous_best.clear()
         self.stats.clear()

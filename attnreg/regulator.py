@@ -12,7 +12,7 @@ from .families import SUPPORTED_PIPELINES, UnsupportedPipelineError, check_pipel
 from .geometry import block_level, cross_attention_layers, layer_blocks
 from .modelspec import find_calibration, model_spec
 from .options import split_list
-from .processor import CallPlan, RegulatedAttnProcessor, RegulationState
+from .processor import CallPlan, RegulatedAttnProcessor, RegulationState, positional_seeds
 from .tokens import TargetError, auto_targets, eos_index, modifier_columns, resolve_targets, token_table
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class AttentionRegulator:
         the images that generator makes (by position when no generator is given): image i of a batch
         starts as the single-image call with the same generator does."""
         if generator is None:
-            return [self.config.seed + i for i in range(n_images)]
+            return positional_seeds(self.config, n_images)
         per_generator = [generator] * n_images if not isinstance(generator, list) else list(generator)
         count: dict[int, int] = {}
         seeds = []
