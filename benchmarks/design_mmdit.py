@@ -29,6 +29,10 @@ CONFIGS = {
     "auto_floor20": ("attnreg", {"text_floor": 0.2}),
     "auto_floor20_nogate": ("attnreg", {"text_floor": 0.2, "neglect_ratio": None}),
     "auto_lift4": ("attnreg", {"lift": 4.0}),
+    "auto_lift1": ("attnreg", {"lift": 1.0}),
+    "auto_nobind": ("attnreg", {"binding": 0.0}),
+    "auto_ratio05": ("attnreg", {"neglect_ratio": 0.5}),
+    "auto_steps7": ("attnreg", {"edit_steps": 7}),
     "taca": ("taca", {}),
     "taca_all": ("taca", {"steps": 28}),
 }
