@@ -8,9 +8,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .maps import SolverResult, _through_softmax, descend_rows, offsets_from_weights, target_probs
-from .relative import RelativeLoss, _shortfall_and_grad
+from .maps import SolverResult, target_probs
+from .relative import RelativeLoss, _row_constants
 
 
 def binding_loss(probs: torch.Tensor, pairs: tuple[tuple[int, int], ...], nouns: tuple[int, ...]) -> torch.Tensor:
@@ -77,79 +78,114 @@ class BoundTerms:
 def bound_loss_and_grad(target_logits: torch.Tensor, rest_lse: torch.Tensor, bases: torch.Tensor, w: torch.Tensor,
                         terms: BoundTerms) -> tuple[torch.Tensor, torch.Tensor]:
     """The binding solver's loss per row (B,) at weights w (B, K, n) (`BoundTerms` says which terms) and the
-    gradient of each row's loss by its own weights, in closed form (tested equal to autograd on the readable
-    definition): dL/dP of every term, then once through the softmax and the bases.
-
-    The overlap and spread terms are functions of the maps normalised to sum 1 (M = P / sum_p P), so their
-    gradients are taken by M first and brought back to P together."""
-    t, nouns = terms, slice(0, terms.n_nouns)
-    probs = target_probs(target_logits, rest_lse, offsets_from_weights(w, bases))
-    total = probs.sum(dim=1, keepdim=True)  # (B, 1, n)
-    maps = probs / total
-    value, g_maps = _overlap_terms_and_grad(maps, t.pairs, t.n_nouns, t.binding)
-    if t.concentration > 0:
-        spread_value, g_spread = _concentration_and_grad(maps[..., nouns], t.reference, t.hw)
-        value = value + t.concentration * spread_value
-        g_maps[..., nouns] += t.concentration * g_spread
-    # through M_c = P_c / S_c: dL/dP_c = (dL/dM_c - sum_p dL/dM_c(p) M_c(p)) / S_c
-    g_probs = (g_maps - (g_maps * maps).sum(dim=1, keepdim=True)) / total
-    short_value, g_short = _shortfall_and_grad(probs[..., nouns], t.ref_high, t.ref_mean, t.loss)
-    g_probs[..., nouns] += g_short
-    k, n = w.shape[1:]
-    value = value + short_value + t.loss.epsilon * (w**2).mean(dim=(1, 2))
-    return value, _through_softmax(probs, g_probs, bases) + (2 * t.loss.epsilon / (k * n)) * w
+    gradient of each row's loss by its own weights, as the solver computes them (tested equal to autograd on
+    the readable definition)."""
+    problem = _BoundProblem(target_logits, rest_lse, bases, terms)
+    value, g_logits = problem(w)
+    return value, torch.baddbmm(w, problem.basis, g_logits, beta=2 * problem.reg)
 
 
-def _overlap_terms_and_grad(maps, pairs, n_nouns: int, binding: float):
-    """binding x `binding_loss` per row (B,) and its gradient by the normalised maps M (B, P, n). The term is a
-    sum c_ab BC(a, b) of overlaps with per-row coefficients (`_overlap_coefficients`), so one (B, P, n, n)
-    tensor of the overlaps' summands serves every pair."""
-    b, _pixels, n = maps.shape
-    if not (binding and pairs):
-        return maps.new_zeros(b), torch.zeros_like(maps)
-    root = torch.sqrt(maps[..., :, None] * maps[..., None, :] + 1e-20)  # sqrt(M_a M_b + 1e-20), as in `bhattacharyya`
-    overlap = root.sum(dim=1)  # (B, n, n)
-    coef = _overlap_coefficients(overlap, pairs, n_nouns, binding)
-    # d sqrt(M_a M_b + e) / dM_a = M_b / (2 sqrt(M_a M_b + e)); the summands are symmetric in a and b, so
-    # c_ab and c_ba both reach column a (a multiply and a sum: einsum's reshapes cost more at these sizes)
-    half = (coef + coef.transpose(1, 2)) / 2
-    g_maps = (maps[..., None, :] / root * half[:, None]).sum(dim=-1)
-    return (coef * overlap).sum(dim=(1, 2)), g_maps
+class _BoundProblem:
+    """One call's binding loss in closed form, with everything that does not change between iterations made
+    once (the softmax shifted by the unedited log-sum-exp, the bases as batched views, the coefficients).
+    `problem(w)` -> (loss per row (B,), dL/d(target logits) (B, P, n) without L_reg's part, or None)."""
+
+    def __init__(self, target_logits, rest_lse, bases, terms: BoundTerms):
+        (self.shifted, self.rest, self.basis_t, self.basis, self.log_ref, self.value_coef, self.grad_coef, self.reg,
+         self.top, self.frac, self.split) = _row_constants(target_logits, rest_lse, bases, terms.ref_high,
+                                                           terms.ref_mean, terms.loss, measured=terms.n_nouns)
+        n = target_logits.shape[-1]
+        self.n_nouns = terms.n_nouns
+        self.overlap = (_OverlapTerms(terms.pairs, terms.n_nouns, n, terms.binding, self.shifted)
+                        if terms.binding and terms.pairs else None)
+        self.gather = (_Concentration(terms.reference, terms.hw, terms.concentration, self.shifted)
+                       if terms.concentration > 0 else None)
+
+    def __call__(self, w: torch.Tensor, grad: bool = True):
+        m, (b, pixels, _) = self.n_nouns, self.shifted.shape
+        e = torch.baddbmm(self.shifted, self.basis_t, w).exp_()  # exp(log P + offsets), unnormalised
+        probs = e.div_(e.sum(dim=-1, keepdim=True).add_(self.rest))  # (B, P, n)
+        nouns = probs[..., :m]
+        values, where = nouns.topk(self.top, dim=1)
+        high = values[:, -1] if self.split is None else torch.lerp(values[:, -1], values[:, -2], self.frac)
+        levels = torch.stack([high, nouns.mean(dim=1)], dim=1)  # (B, 2, m)
+        short = (self.log_ref - levels.log()).relu_()  # how far each level falls short, in log units
+        value = (short * short * self.value_coef).sum(dim=(1, 2)) + self.reg * (w * w).sum(dim=(1, 2))
+        total = probs.sum(dim=1, keepdim=True)  # (B, 1, n)
+        maps = probs / total  # each map normalised to sum 1
+        g_maps = torch.zeros_like(maps)
+        if self.overlap is not None:
+            value = value + self.overlap.add_grad(maps, g_maps)
+        if self.gather is not None:
+            value = value + self.gather.add_grad(maps, g_maps)
+        if not grad:
+            return value, None
+        # through M_c = P_c / S_c: dL/dP_c = (dL/dM_c - sum_p dL/dM_c(p) M_c(p)) / S_c
+        g_probs = g_maps.sub_((g_maps * maps).sum(dim=1, keepdim=True)).div_(total)
+        g = short.div_(levels).mul_(self.grad_coef)  # dL/d(quantile), dL/d(mean / P) per (row, noun)
+        g_nouns = g[:, 1:].expand(b, pixels, m).clone()  # every pixel through the mean
+        if self.split is None:
+            g_nouns.scatter_add_(1, where[:, -1:], g[:, :1])
+        else:
+            g_nouns.scatter_add_(1, where[:, -2:], g[:, :1] * self.split)
+        g_probs[..., :m] += g_nouns
+        # through the softmax over all tokens: dL/da_s = P_s (g_s - sum_t g_t P_t); only targets move
+        t = g_probs.mul_(probs)
+        return value, torch.addcmul(t, probs, t.sum(dim=-1, keepdim=True), value=-1)
 
 
-def _overlap_coefficients(overlap, pairs, n_nouns: int, binding: float) -> torch.Tensor:
-    """c (B, n, n) such that binding x `binding_loss` = sum_ab c_ab BC(a, b)
-    at these overlaps (B, n, n): each (modifier m, noun t) pair puts -1 on (m, t) and +1 on the other noun m
-    overlaps most, the max's gradient (split evenly between tied nouns, as autograd's amax does), over the
-    number of pairs."""
-    b, n, _ = overlap.shape
-    coef = overlap.new_zeros(b, n, n)
-    if binding and pairs:
+class _OverlapTerms:
+    """binding x `binding_loss` as sum_ab c_ab BC(a, b) of overlaps with per-row coefficients: each (modifier m,
+    noun t) pair puts -1 on (m, t) and +1 on the other noun m overlaps most, the max's gradient (split evenly
+    between tied nouns, as autograd's amax does), over the number of pairs."""
+
+    def __init__(self, pairs, n_nouns: int, n: int, binding: float, like: torch.Tensor):
         modifiers, own = zip(*pairs)
-        is_own = torch.zeros(len(pairs), n_nouns, dtype=torch.bool, device=overlap.device)
-        is_own[range(len(pairs)), own] = True
-        leaks = overlap[:, modifiers, :n_nouns].masked_fill(is_own, -math.inf)  # (B, pairs, nouns): other nouns
-        # ~is_own: with one noun every entry is -inf and there is no max to take
-        tied = ((leaks == leaks.amax(dim=-1, keepdim=True)) & ~is_own).to(coef.dtype)
-        share = tied / tied.sum(dim=-1, keepdim=True).clamp_min(1)
-        # index_add_, not assignment: a modifier may bind two nouns
-        coef[:, :, :n_nouns].index_add_(1, torch.tensor(modifiers, device=coef.device),
-                                        binding / len(pairs) * (share - is_own.to(coef.dtype)))
-    return coef
+        self.modifiers = torch.tensor(modifiers, device=like.device)
+        self.is_own = torch.zeros(len(pairs), n_nouns, dtype=torch.bool, device=like.device)
+        self.is_own[range(len(pairs)), own] = True
+        self.is_other = ~self.is_own
+        self.own_coef = self.is_own.to(like.dtype)
+        # each pair's coefficients land in its modifier's row; a modifier may bind two nouns, and its rows add
+        self.into_rows = torch.zeros(n, len(pairs), device=like.device, dtype=like.dtype)
+        self.into_rows[list(modifiers), range(len(pairs))] = binding / len(pairs)
+        self.n_nouns, self.pad = n_nouns, n - n_nouns
+
+    def add_grad(self, maps, g_maps) -> torch.Tensor:
+        """The term per row (B,) at the normalised maps M (B, P, n); adds its gradient by M into `g_maps`."""
+        root = (maps[..., :, None] * maps[..., None, :]).add_(1e-20).sqrt_()  # as in `bhattacharyya`
+        overlap = root.sum(dim=1)  # (B, n, n)
+        leaks = overlap[:, self.modifiers, : self.n_nouns].masked_fill(self.is_own, -math.inf)  # the other nouns
+        # & is_other: with one noun every entry is -inf and there is no max to take
+        tied = ((leaks == leaks.amax(dim=-1, keepdim=True)) & self.is_other).to(maps.dtype)
+        share = tied.div_(tied.sum(dim=-1, keepdim=True).clamp_min(1)).sub_(self.own_coef)
+        coef = F.pad(self.into_rows @ share, (0, self.pad))  # (B, n, n)
+        # d sqrt(M_a M_b + e) / dM_a = M_b / (2 sqrt(M_a M_b + e)); the summands are symmetric in a and b, so
+        # c_ab and c_ba both reach column a
+        half = (coef + coef.transpose(1, 2)).mul_(0.5)
+        g_maps += (maps[..., None, :] / root).mul_(half[:, None]).sum(dim=-1)
+        return (coef * overlap).sum(dim=(1, 2))
 
 
-def _concentration_and_grad(maps, reference, hw):
-    """`concentration_loss` per row (B,) of normalised maps M (B, P, n) and its gradient by M. With the pixel
-    features f = (y, x, y^2 + x^2), the spread is sum_p M f_3 - mu_y^2 - mu_x^2 (mu = sum_p M (y, x)) and
+class _Concentration:
+    """concentration x the mean over nouns of spread / `reference` (B, m). With the pixel features
+    f = (y, x, y^2 + x^2), a spread is sum_p M f_3 - mu_y^2 - mu_x^2 (mu = sum_p M (y, x)) and
     d spread / dM(p) = f_3 - 2 mu . (y, x): one matmul each way."""
-    y, x = pixel_coordinates(hw, maps)
-    features = torch.stack([y, x, y**2 + x**2], dim=-1)  # (P, 3)
-    moments = maps.transpose(1, 2) @ features  # (B, n, 3)
-    mu, second = moments[..., :2], moments[..., 2]
-    spreads = second - (mu**2).sum(dim=-1)  # (B, n)
-    slope = torch.cat([-2 * mu, torch.ones_like(second)[..., None]], dim=-1)  # (B, n, 3)
-    scale = 1 / (maps.shape[-1] * reference)  # the mean over columns of spread / reference
-    return (scale * spreads).sum(dim=-1), scale[:, None] * (features @ slope.transpose(1, 2))
+
+    def __init__(self, reference, hw, concentration: float, like: torch.Tensor):
+        y, x = pixel_coordinates(hw, like)
+        self.features = torch.stack([y, x, y**2 + x**2], dim=-1)  # (P, 3)
+        self.n_nouns = reference.shape[-1]
+        self.scale = concentration / (self.n_nouns * reference)  # (B, m)
+
+    def add_grad(self, maps, g_maps) -> torch.Tensor:
+        """The term per row (B,) at the normalised maps M (B, P, n); adds its gradient by M into `g_maps`."""
+        moments = maps[..., : self.n_nouns].transpose(1, 2) @ self.features  # (B, m, 3)
+        mu, second = moments[..., :2], moments[..., 2]
+        value = (self.scale * (second - (mu * mu).sum(dim=-1))).sum(dim=-1)
+        slope = torch.cat([-2 * mu, torch.ones_like(second)[..., None]], dim=-1) * self.scale[..., None]
+        g_maps[..., : self.n_nouns] += self.features @ slope.transpose(1, 2)
+        return value
 
 
 def optimise_rows_bound(
@@ -171,13 +207,26 @@ def optimise_rows_bound(
     """The binding solver: `iterations` unit steps of size `lr` per (image, head) row on `bound_loss_and_grad`,
     the relative loss on the first `n_nouns` columns (the nouns), `binding` x `binding_loss` over the (modifier,
     noun) column `pairs` and `concentration` x the nouns' relative spread on the (H, W) map `hw`; each row keeps
-    its best iterate."""
+    its best iterate. fp32, no host sync, a fixed number of operations, the step fused into one `baddbmm`."""
     target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
-    ref_high, ref_mean = ref_high.float(), ref_mean.float()
     reference = None  # the nouns' unedited spread, concentration's yardstick
     if concentration > 0:
         unedited = target_probs(target_logits[..., :n_nouns], rest_lse, torch.zeros_like(target_logits[..., :n_nouns]))
         reference = spread(unedited, hw)
-    terms = BoundTerms(ref_high, ref_mean, pairs, n_nouns, binding, loss or RelativeLoss(), concentration, reference, hw)
-    return descend_rows(lambda w: bound_loss_and_grad(target_logits, rest_lse, bases, w, terms), init_weights,
-                        iterations, lr)
+    terms = BoundTerms(ref_high.float(), ref_mean.float(), pairs, n_nouns, binding, loss or RelativeLoss(),
+                       concentration, reference, hw)
+    problem = _BoundProblem(target_logits, rest_lse, bases, terms)
+    w = init_weights.detach().float()
+    best_w = best_loss = first_loss = None
+    for i in range(iterations + 1):
+        value, g_logits = problem(w, grad=i < iterations)
+        if best_loss is None:
+            first_loss, best_loss, best_w = value, value, w
+        else:
+            better = value < best_loss
+            best_w = torch.where(better[:, None, None], w, best_w)
+            best_loss = torch.minimum(value, best_loss)
+        if g_logits is not None:
+            # w - lr (basis @ g_logits + 2 reg w), in one operation
+            w = torch.baddbmm(w, problem.basis, g_logits, beta=1 - 2 * problem.reg * lr, alpha=-lr)
+    return SolverResult(best_w, best_loss, first_loss)

@@ -63,21 +63,28 @@ def step_sizes(iterations: int, lr: float, shares: tuple[int, ...] = FAST_STEP_S
     return tuple(lr * iterations * s / total for s in shares)
 
 
-def _row_constants(target_logits, rest_lse, bases, ref_high, ref_mean, loss: RelativeLoss) -> tuple:
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _row_constants(target_logits, rest_lse, bases, ref_high, ref_mean, loss: RelativeLoss,
+                   measured: int | None = None) -> tuple:
     """What `optimise_rows` computes once per call: the unedited targets' log-probabilities, the other
-    columns' share, the bases as batched views, the reference levels and the loss's coefficients."""
+    columns' share, the bases as batched views, the reference levels and the loss's coefficients. The levels
+    are measured on the first `measured` columns (all by default); L_reg covers every column."""
     b, pixels, n = target_logits.shape
+    m = n if measured is None else measured
     k = bases.shape[0]
-    tl, rl = target_logits.float(), rest_lse.float()
+    tl, rl = _at_least_fp32(target_logits), _at_least_fp32(rest_lse)
     lse = torch.logaddexp(rl, tl.logsumexp(dim=-1, keepdim=True))  # (B, P, 1) of the unedited logits
     shifted = tl - lse  # log P of the unedited targets; <= 0, so exp below cannot overflow while offsets are sane
     rest = torch.exp(rl - lse)  # the other J - n columns' share, fixed
-    basis_t = bases.float().t().expand(b, pixels, k)  # (B, P, K), a view: offsets = basis_t @ w
-    basis = bases.float().expand(b, k, pixels)  # (B, K, P): gradient = basis @ dL/dlogits
-    log_ref = torch.log(loss.lift * torch.stack([ref_high.float(), ref_mean.float()], dim=1))  # (B, 2, 1)
+    basis_t = bases.to(tl.dtype).t().expand(b, pixels, k)  # (B, P, K), a view: offsets = basis_t @ w
+    basis = bases.to(tl.dtype).expand(b, k, pixels)  # (B, K, P): gradient = basis @ dL/dlogits
+    log_ref = torch.log(loss.lift * torch.stack([ref_high, ref_mean], dim=1).to(tl.dtype))  # (B, 2, 1)
     # value = sum(value_coef * short**2) + eps / (K n) |w|**2; the gradient's coefficient per level
-    value_coef = torch.tensor([loss.gamma / n, loss.delta / n], device=tl.device)[:, None]
-    grad_coef = torch.tensor([-2 * loss.gamma / n, -2 * loss.delta / (n * pixels)], device=tl.device)[:, None]
+    value_coef = torch.tensor([loss.gamma / m, loss.delta / m], device=tl.device)[:, None]
+    grad_coef = torch.tensor([-2 * loss.gamma / m, -2 * loss.delta / (m * pixels)], device=tl.device)[:, None]
     reg = loss.epsilon / (k * n)
     q_pos = loss.quantile * (pixels - 1)
     lo = math.floor(q_pos)
@@ -107,7 +114,7 @@ def optimise_rows(
     loss = loss or RelativeLoss()
     b, pixels, n = target_logits.shape
     shifted, rest, basis_t, basis, log_ref, value_coef, grad_coef, reg, top, frac, split = _row_constants(
-        target_logits, rest_lse, bases, ref_high, ref_mean, loss)
+        target_logits.float(), rest_lse.float(), bases, ref_high, ref_mean, loss)
     w = init_weights.detach().float()
     best_w = best_loss = first_loss = None
     for i in range(len(steps) + 1):
