@@ -4,7 +4,7 @@ The table (`benchmarks/shapes_mmdit_measurement.sh`) uses `shapes_prompts(kind, 
 This sweep uses other prompts (`shapes_prompts(kind, ., seed=1)` minus the table's) and seeds from 2000, so
 every choice made here is made away from the reported numbers. One row per (config, prompt, seed) with the
 detector's verdict; rows already in --out are skipped (resumable). The call is the table's: 28 Euler steps,
-guidance 7, the model's max_sequence_length (--max-sequence-length to change it).
+guidance 3 (the shipped model's; --guidance to change it), the model's max_sequence_length (--max-sequence-length to change it).
 
     OMP_NUM_THREADS=1 python benchmarks/design_mmdit.py --model runs/export-mmdit --configs vanilla,auto,taca \
         --kinds 2 --prompts 12 --seeds 2000-2007 --out runs/design-mmdit/rows.jsonl
@@ -36,7 +36,7 @@ CONFIGS = {
     "taca": ("taca", {}),
     "taca_all": ("taca", {"steps": 28}),
 }
-CALL = dict(num_inference_steps=28, guidance_scale=7.0, height=64, width=64, max_sequence_length=256)
+CALL = dict(num_inference_steps=28, guidance_scale=3.0, height=64, width=64, max_sequence_length=256)
 
 
 def design_prompts(kind: int, n: int) -> list[str]:
@@ -73,6 +73,7 @@ def run(args) -> None:
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     spec = Path(args.model) / "attnreg.json"
+    CALL["guidance_scale"] = args.guidance
     if args.max_sequence_length is not None:
         CALL["max_sequence_length"] = args.max_sequence_length
     elif spec.exists():
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/design-mmdit/rows.jsonl")
     ap.add_argument("--max-sequence-length", type=int, default=None,
                     help="zero (T5) columns of the call (default: the model's attnreg.json max_sequence_length)")
+    ap.add_argument("--guidance", type=float, default=CALL["guidance_scale"])
     ap.add_argument("--summary", default=None, help="print the paired table of a rows file and exit")
     ap.add_argument("--against", default="vanilla")
     ap.add_argument("--metric", default="success", help="success (the detector's verdict) or colours (every named "
