@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .maps import SolverResult, target_probs
-from .relative import RelativeLoss, _row_constants
+from .relative import RelativeLoss, _keep_best, _levels_short, _row_constants, _short_grad
 
 
 def binding_loss(probs: torch.Tensor, pairs: tuple[tuple[int, int], ...], nouns: tuple[int, ...]) -> torch.Tensor:
@@ -102,14 +102,10 @@ class _BoundProblem:
                        if terms.concentration > 0 else None)
 
     def __call__(self, w: torch.Tensor, grad: bool = True):
-        m, (b, pixels, _) = self.n_nouns, self.shifted.shape
+        m = self.n_nouns
         e = torch.baddbmm(self.shifted, self.basis_t, w).exp_()  # exp(log P + offsets), unnormalised
         probs = e.div_(e.sum(dim=-1, keepdim=True).add_(self.rest))  # (B, P, n)
-        nouns = probs[..., :m]
-        values, where = nouns.topk(self.top, dim=1)
-        high = values[:, -1] if self.split is None else torch.lerp(values[:, -1], values[:, -2], self.frac)
-        levels = torch.stack([high, nouns.mean(dim=1)], dim=1)  # (B, 2, m)
-        short = (self.log_ref - levels.log()).relu_()  # how far each level falls short, in log units
+        levels, short, where = _levels_short(probs[..., :m], self.top, self.frac, self.split, self.log_ref)
         value = (short * short * self.value_coef).sum(dim=(1, 2)) + self.reg * (w * w).sum(dim=(1, 2))
         total = probs.sum(dim=1, keepdim=True)  # (B, 1, n)
         maps = probs / total  # each map normalised to sum 1
@@ -122,13 +118,7 @@ class _BoundProblem:
             return value, None
         # through M_c = P_c / S_c: dL/dP_c = (dL/dM_c - sum_p dL/dM_c(p) M_c(p)) / S_c
         g_probs = g_maps.sub_((g_maps * maps).sum(dim=1, keepdim=True)).div_(total)
-        g = short.div_(levels).mul_(self.grad_coef)  # dL/d(quantile), dL/d(mean / P) per (row, noun)
-        g_nouns = g[:, 1:].expand(b, pixels, m).clone()  # every pixel through the mean
-        if self.split is None:
-            g_nouns.scatter_add_(1, where[:, -1:], g[:, :1])
-        else:
-            g_nouns.scatter_add_(1, where[:, -2:], g[:, :1] * self.split)
-        g_probs[..., :m] += g_nouns
+        g_probs[..., :m] += _short_grad(short, levels, where, self.grad_coef, self.split, self.shifted.shape[1])
         # through the softmax over all tokens: dL/da_s = P_s (g_s - sum_t g_t P_t); only targets move
         t = g_probs.mul_(probs)
         return value, torch.addcmul(t, probs, t.sum(dim=-1, keepdim=True), value=-1)
@@ -223,9 +213,7 @@ def optimise_rows_bound(
         if best_loss is None:
             first_loss, best_loss, best_w = value, value, w
         else:
-            better = value < best_loss
-            best_w = torch.where(better[:, None, None], w, best_w)
-            best_loss = torch.minimum(value, best_loss)
+            best_loss, best_w = _keep_best(value, w, best_loss, best_w)
         if g_logits is not None:
             # w - lr (basis @ g_logits + 2 reg w), in one operation
             w = torch.baddbmm(w, problem.basis, g_logits, beta=1 - 2 * problem.reg * lr, alpha=-lr)

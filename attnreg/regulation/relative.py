@@ -95,6 +95,33 @@ def _row_constants(target_logits, rest_lse, bases, ref_high, ref_mean, loss: Rel
     return shifted, rest, basis_t, basis, log_ref, value_coef, grad_coef, reg, top, frac, split
 
 
+def _levels_short(probs, top: int, frac: float, split, log_ref):
+    """The fused solvers' levels of `probs` (B, P, n): (levels (B, 2, n): the quantile and the mean; how far each
+    falls short of `log_ref`, in log units; where the quantile's top `top` order statistics are)."""
+    values, where = probs.topk(top, dim=1)
+    high = values[:, -1] if split is None else torch.lerp(values[:, -1], values[:, -2], frac)
+    levels = torch.stack([high, probs.mean(dim=1)], dim=1)  # (B, 2, n)
+    return levels, (log_ref - levels.log()).relu_(), where
+
+
+def _short_grad(short, levels, where, grad_coef, split, pixels: int) -> torch.Tensor:
+    """dL/dP (B, P, n) of the shortfall terms from `_levels_short`'s outputs (`short` is overwritten)."""
+    g = short.div_(levels).mul_(grad_coef)  # dL/d(quantile), dL/d(mean / P) per (row, target)
+    b, _, n = levels.shape
+    g_probs = g[:, 1:].expand(b, pixels, n).clone()  # every pixel through the mean
+    if split is None:
+        g_probs.scatter_add_(1, where[:, -1:], g[:, :1])
+    else:
+        g_probs.scatter_add_(1, where[:, -2:], g[:, :1] * split)
+    return g_probs
+
+
+def _keep_best(value, w, best_loss, best_w):
+    """(best loss, best weights) per row after scoring `w` at `value`."""
+    better = value < best_loss
+    return torch.minimum(value, best_loss), torch.where(better[:, None, None], w, best_w)
+
+
 def optimise_rows(
     target_logits: torch.Tensor,
     rest_lse: torch.Tensor,
@@ -112,7 +139,7 @@ def optimise_rows(
     one `lerp`, the two levels as one (B, 2, n) tensor and the step fused into one `baddbmm`. fp32, no host
     sync, a fixed number of operations (compilable)."""
     loss = loss or RelativeLoss()
-    b, pixels, n = target_logits.shape
+    pixels = target_logits.shape[1]
     shifted, rest, basis_t, basis, log_ref, value_coef, grad_coef, reg, top, frac, split = _row_constants(
         target_logits.float(), rest_lse.float(), bases, ref_high, ref_mean, loss)
     w = init_weights.detach().float()
@@ -120,25 +147,15 @@ def optimise_rows(
     for i in range(len(steps) + 1):
         e = torch.baddbmm(shifted, basis_t, w).exp_()  # exp(log P + offsets), unnormalised
         probs = e.div_(e.sum(dim=-1, keepdim=True).add_(rest))  # (B, P, n)
-        values, where = probs.topk(top, dim=1)
-        high = values[:, -1] if split is None else torch.lerp(values[:, -1], values[:, -2], frac)
-        levels = torch.stack([high, probs.mean(dim=1)], dim=1)  # (B, 2, n)
-        short = (log_ref - levels.log()).relu_()  # how far each level falls short, in log units
+        levels, short, where = _levels_short(probs, top, frac, split, log_ref)
         value = (short * short * value_coef).sum(dim=(1, 2)) + reg * (w * w).sum(dim=(1, 2))
         if best_loss is None:
             first_loss, best_loss, best_w = value, value, w
         else:
-            better = value < best_loss
-            best_w = torch.where(better[:, None, None], w, best_w)
-            best_loss = torch.minimum(value, best_loss)
+            best_loss, best_w = _keep_best(value, w, best_loss, best_w)
         if i == len(steps):
             break
-        g = short.div_(levels).mul_(grad_coef)  # dL/d(quantile), dL/d(mean / P) per (row, target)
-        g_probs = g[:, 1:].expand(b, pixels, n).clone()  # every pixel through the mean
-        if split is None:
-            g_probs.scatter_add_(1, where[:, -1:], g[:, :1])
-        else:
-            g_probs.scatter_add_(1, where[:, -2:], g[:, :1] * split)
+        g_probs = _short_grad(short, levels, where, grad_coef, split, pixels)
         # through the softmax over all tokens: dL/da_s = P_s (g_s - sum_t g_t P_t); only targets move
         t = g_probs.mul_(probs)
         g_logits = torch.addcmul(t, probs, t.sum(dim=-1, keepdim=True), value=-1)
