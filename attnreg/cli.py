@@ -8,7 +8,7 @@ import sys
 import warnings
 
 from .commands import ablate, app, bench, calibrate, explain, generate, tokens, toy
-from .commands.common import Parser
+from .commands.common import Parser, fill_sampler_defaults
 
 COMMANDS = (generate, tokens, calibrate, toy, bench, explain, ablate, app)  # in the order of --help
 
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     warnings.formatwarning = _one_line_warning
     handler = _show_library_messages()
     try:
+        fill_sampler_defaults(args)
         return args.func(args)
     except (ValueError, OSError, UnsupportedPipelineError) as err:
         if getattr(args, "debug", False):

@@ -18,7 +18,10 @@ BOOLEAN_TYPE = "a boolean (true/false, 1/0, yes/no)"
 NOT_OPTIONS = {"preset": "choose the preset with --preset"}  # names a configuration, not a tuning
 
 
-DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's own: the command line's, the benchmark's and calibration's default
+# Stable Diffusion's own sampler settings: the command line's, the benchmark's and calibration's defaults for a model
+# whose attnreg.json does not name its own
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_STEPS = 50
 
 
 def split_list(text: str | None, sep: str = ",") -> list[str] | None:

@@ -33,6 +33,10 @@ CONFIGS = {
     "auto_nobind": ("attnreg", {"binding": 0.0}),
     "auto_ratio05": ("attnreg", {"neglect_ratio": 0.5}),
     "auto_steps7": ("attnreg", {"edit_steps": 7}),
+    "auto_blocks12": ("attnreg", {"layers": ("1", "2")}),
+    "auto_blocks0123": ("attnreg", {"layers": ("0", "1", "2", "3")}),
+    "auto_conc4": ("attnreg", {"concentration": 4.0}),
+    "auto_lift3": ("attnreg", {"lift": 3.0}),
     "taca": ("taca", {}),
     "taca_all": ("taca", {"steps": 28}),
 }
@@ -95,6 +99,7 @@ def run(args) -> None:
                 colours = all(drawn.count(c) >= named.count(c) for c in named)  # every named colour drawn, shapes aside
                 row = {"config": name, "prompt": prompt, "seed": seed, "kind": len(prompt_targets(prompt)),
                        "success": bool(s["success"]), "colours": colours, "extra": s["extra_objects"],
+                       "drawn": [[shape, colour] for shape, colour, _ in s["detections"]],
                        "seconds": time.perf_counter() - t}
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")

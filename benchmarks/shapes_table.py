@@ -9,6 +9,7 @@ that agreement, and leaves the earlier rows out when it is not complete.
     python benchmarks/shapes_table.py runs/shapes-auto --seeds 16-31          # one block of seeds only
     python benchmarks/shapes_table.py runs/shapes-auto --baseline "auto without binding (default until 2026-11-30)"
     python benchmarks/shapes_table.py runs/shapes-auto --modes     # how the pictures fail, and which ones change
+    python benchmarks/shapes_table.py runs/shapes-mmdit --by-shape  # success by the shapes the prompt names
 
 The auto preset's rows are named by their binding weight (`attnreg` ran with binding 0 and 2, `attnreg-bind`
 with 1); the weight the preset has now is labelled the default.
@@ -86,6 +87,32 @@ def print_modes(rows: list[dict], baseline: str) -> None:
         print(f"| {subset} | {method} | {len(pairs)} | {shares} | {count(wins)} | {count(losses)} |")
 
 
+def print_by_shape(rows: list[dict], baseline: str) -> None:
+    """Per kind and method: success on the prompts that name each shape, and on those that do not, with the
+    baseline's rate on the same pairs; a model that cannot draw one shape caps every method on its prompts."""
+    from attnreg.toy import parse_prompt
+    from attnreg.toy.world import SHAPES
+
+    base = {(r["subset"], r["prompt"], r["seed"]): r["success"] for r in rows if r["method"] == baseline}
+    print(f"success by the shapes the prompt names (method / {baseline} on the same pairs)")
+    print("| kind | method | " + " | ".join(f"names a {s} | no {s}" for s in SHAPES) + " |")
+    print("|---|---|" + "---|---|" * len(SHAPES))
+    for subset, method in sorted({(r["subset"], r["method"]) for r in rows}):
+        mine = [r for r in rows if (r["subset"], r["method"]) == (subset, method)
+                and (r["subset"], r["prompt"], r["seed"]) in base]
+        cells = []
+        for shape in SHAPES:
+            for names in (True, False):
+                part = [r for r in mine if (shape in {s for _, s in parse_prompt(r["prompt"])}) == names]
+                if not part:
+                    cells.append("-")
+                    continue
+                rate = sum(r["success"] for r in part) / len(part)
+                was = sum(base[(r["subset"], r["prompt"], r["seed"])] for r in part) / len(part)
+                cells.append(f"{100 * rate:.0f} / {100 * was:.0f} % ({len(part)})")
+        print(f"| {subset} | {method} | " + " | ".join(cells) + " |")
+
+
 def load(folder: Path) -> list[dict]:
     scores = load_scores(folder).get("detect", {}).get("items", {})
     rows = []
@@ -127,6 +154,7 @@ def main() -> None:
     ap.add_argument("--seeds", default=None, help="only these seeds, e.g. 16-31")
     ap.add_argument("--baseline", default="sd", help="the row every other is paired with (a method's name here)")
     ap.add_argument("--modes", action="store_true", help="also print how the pictures fail (this folder's rows)")
+    ap.add_argument("--by-shape", action="store_true", help="also print success by the shapes the prompts name")
     a = ap.parse_args()
     folder = Path(a.folder)
     rows = load(folder)
@@ -159,6 +187,8 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     if a.modes:
         print_modes(rows, a.baseline)
+    if a.by_shape:
+        print_by_shape(rows, a.baseline)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,33 @@ import dataclasses
 
 import torch
 
-from attnreg.regulation import (BoundTerms, LossWeights, RelativeLoss, SolverResult, binding_loss, descend_rows,
+from attnreg.regulation import (BoundTerms, LossWeights, RelativeLoss, SolverResult, binding_loss,
                                 offsets_from_weights, spread, target_probs, target_share)
 from attnreg.regulation.maps import _through_softmax
 from attnreg.regulation.relative import _shortfall_and_grad
+
+
+def descend_rows(loss_and_grad_fn, init_weights: torch.Tensor, iterations: int, lr: float,
+                 steps: tuple[float, ...] | None = None) -> SolverResult:
+    """`iterations` gradient steps of size `lr` (or the step sizes `steps`) on per-row losses, keeping
+    each row's best iterate.
+
+    `loss_and_grad_fn(w)` returns the loss of every row (B,) and the gradient of each row's loss by its
+    own weights (B, K, n). The iterate after the last step is scored too."""
+    steps = (lr,) * iterations if steps is None else tuple(steps)
+    w = init_weights.detach().float()
+    best_w, best_loss, first_loss = w, None, None
+    for i in range(len(steps) + 1):
+        value, grad = loss_and_grad_fn(w)
+        if best_loss is None:
+            first_loss, best_loss = value, value
+        else:
+            better = value < best_loss
+            best_w = torch.where(better[:, None, None], w, best_w)
+            best_loss = torch.where(better, value, best_loss)
+        if i < len(steps):
+            w = w - steps[i] * grad
+    return SolverResult(best_w, best_loss, first_loss)
 
 
 def regulation_loss(probs: torch.Tensor, weights: torch.Tensor, loss: LossWeights = LossWeights()) -> torch.Tensor:

@@ -213,9 +213,13 @@ def app_parser():
 
 
 def test_app_options_default_to_localhost_and_the_embedded_model():
+    from attnreg.commands.common import fill_sampler_defaults
+
     parser, cmd_app = app_parser()
     args = parser.parse_args(["app"])
-    assert (args.host, args.port, args.model, args.device, args.steps, args.threads) == ("127.0.0.1", 7860, None, "cpu", 50, 1)
+    fill_sampler_defaults(args)  # as `attnreg` does after parsing: the embedded model's own 50 steps, guidance 7.5
+    assert (args.host, args.port, args.model, args.device, args.steps, args.guidance, args.threads) == (
+        "127.0.0.1", 7860, None, "cpu", 50, 7.5, 1)
     assert args.func is cmd_app
     args = parser.parse_args(["app", "--host", "0.0.0.0", "--port", "8000", "--steps", "20"])
     assert (args.host, args.port, args.steps) == ("0.0.0.0", 8000, 20)

@@ -320,3 +320,29 @@ def test_generate_shows_a_progress_bar_on_a_terminal_only(tiny_model, tmp_path, 
     assert done.returncode == 0
     assert ("attnreg generate: " in terminal.decode(errors="replace")) is not quiet
     assert "%|" not in done.stdout and [Path(line).suffix for line in done.stdout.splitlines()[-2:]] == [".png", ".json"]
+
+
+@pytest.mark.parametrize("command", ["generate", "explain", "ablate", "bench", "calibrate", "app"])
+def test_steps_and_guidance_left_out_are_the_models_own(command, tmp_path):
+    from attnreg.cli import build_parser
+    from attnreg.commands.common import fill_sampler_defaults
+    from attnreg.options import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "attnreg.json").write_text(json.dumps({"num_inference_steps": 28, "guidance_scale": 3.0}))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    parser = build_parser()
+    positional = {"generate": ["a cat"], "explain": ["a cat"], "ablate": ["--param", "iterations", "--values", "1,2", "--out", "o"],
+                  "bench": ["--dataset", "shapes", "--out", "o"]}
+    given = positional.get(command, [])
+
+    def parsed(*extra):
+        args = parser.parse_args([command, *given, *extra])
+        fill_sampler_defaults(args)
+        return args.steps, args.guidance
+
+    assert parsed("--model", str(own)) == (28, 3.0)
+    assert parsed("--model", str(plain)) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    assert parsed("--model", str(own), "--steps", "7", "--guidance", "5") == (7, 5.0)

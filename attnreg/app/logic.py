@@ -20,6 +20,7 @@ from pathlib import Path
 
 from attnreg import AttentionRegulator, RegulationConfig
 from attnreg.config import PRESETS
+from attnreg.options import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from attnreg.tokens import TargetError, auto_targets, format_tokens, resolve_targets, token_table
 
 PRESET_CHOICES = tuple(PRESETS)  # the default first
@@ -163,14 +164,16 @@ def numbers_table(numbers: dict) -> tuple[list[str], list[list]]:
 class Engine:
     """One pipeline, one generation at a time, and the page's callbacks."""
 
-    def __init__(self, pipe, embedded: bool = False, default_steps: int = 50):
+    def __init__(self, pipe, embedded: bool = False, default_steps: int = DEFAULT_STEPS,
+                 default_guidance: float = DEFAULT_GUIDANCE):
         self.pipe = pipe
         self.embedded = embedded
-        self.default_steps = default_steps
+        self.default_steps, self.default_guidance = default_steps, default_guidance
         self.lock = threading.Lock()
 
     @classmethod
-    def load(cls, model: str | None = None, device: str = "cpu", dtype: str = "float32", default_steps: int = 50):
+    def load(cls, model: str | None = None, device: str = "cpu", dtype: str = "float32",
+             default_steps: int = DEFAULT_STEPS, default_guidance: float = DEFAULT_GUIDANCE):
         from attnreg.pipelines import load_pipeline
         from attnreg.toy import model_path
 
@@ -179,7 +182,7 @@ class Engine:
         pipe = load_pipeline(model or model_path(), device=device, dtype=dtype)
         shipped = {model_path(name, check=False).resolve() for name in MODELS}
         embedded = model is None or Path(model).resolve() in shipped  # the shapes world: verdicts make sense
-        return cls(pipe, embedded=embedded, default_steps=default_steps)
+        return cls(pipe, embedded=embedded, default_steps=default_steps, default_guidance=default_guidance)
 
     @property
     def tokenizer(self):

@@ -19,7 +19,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import gradio as gr  # noqa: E402
 
-from ..options import DEFAULT_GUIDANCE  # noqa: E402
 from .logic import EMBEDDED_EXAMPLES, GENERIC_EXAMPLES, MAX_IMAGES, PRESET_CHOICES, Engine, Stopped  # noqa: E402
 
 CSS = """
@@ -94,7 +93,7 @@ def _inputs(engine: Engine) -> SimpleNamespace:
             with gr.Row():
                 ui.seed = gr.Number(label="Seed", value=42, precision=0, minimum=0, elem_id="seed")
                 ui.steps = gr.Number(label="Steps", value=engine.default_steps, precision=0, minimum=1, elem_id="steps")
-                ui.guidance = gr.Number(label="Guidance (> 1)", value=DEFAULT_GUIDANCE, elem_id="guidance")
+                ui.guidance = gr.Number(label="Guidance (> 1)", value=engine.default_guidance, elem_id="guidance")
                 ui.n_images = gr.Slider(label="Number of images", minimum=1, maximum=MAX_IMAGES, step=1, value=1,
                                         elem_id="n-images")
             ui.preset = gr.Radio(list(PRESET_CHOICES), value=PRESET_CHOICES[0], label="Preset (auto: layers and levels fitted "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import MODEL_HELP, add_threads_arg, model_name, positive_int
+from .common import MODEL_HELP, add_steps_and_guidance, add_threads_arg, model_name, positive_int
 
 
 def _port(text: str) -> int:
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=_port, default=7860, help="TCP port (default: 7860)")
-    p.add_argument("--steps", type=positive_int, default=50, help="the page's default number of steps (default: 50)")
+    add_steps_and_guidance(p, steps_help="the page's default number of steps")
     add_threads_arg(p, ", for the one job that runs at a time")
     p.set_defaults(func=cmd_app)
 
@@ -85,7 +85,8 @@ def cmd_app(args) -> int:
     from ..app.logic import Engine
     from ..app.ui import launch
 
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, default_steps=args.steps)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, default_steps=args.steps,
+                         default_guidance=args.guidance)
     print(f"attnreg app: {'the embedded shapes model' if args.model is None else args.model} on {args.device}; "
           f"open http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}", flush=True)
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..options import DEFAULT_GUIDANCE, parse_seeds
-from .common import add_model_args, fraction, guidance_scale, load_model, positive_int, prepare_run, writable_folder
+from ..options import parse_seeds
+from .common import add_model_args, add_steps_and_guidance, fraction, load_model, prepare_run, writable_folder
 
 
 def register(sub) -> None:
@@ -14,9 +14,7 @@ def register(sub) -> None:
     c.add_argument("--prompts", default=None, help="a file with one prompt per line (default: the model's "
                    "attnreg.json calibration_prompts, else 8 generic two- and three-object prompts)")
     c.add_argument("--seeds", default="0,1", help="seeds per prompt, e.g. 0-3 or 0,1,5 (default: 0,1)")
-    c.add_argument("--steps", type=positive_int, default=50, help="denoising steps; the first half are observed (default: 50)")
-    c.add_argument("--guidance", type=guidance_scale, default=DEFAULT_GUIDANCE,
-                   help=f"guidance scale, > 1 (default: {DEFAULT_GUIDANCE})")
+    add_steps_and_guidance(c, steps_help="denoising steps; the first half are observed")
     c.add_argument("--keep", type=fraction, default=0.5,
                    help="keep layers within this fraction of the best contrast, in (0, 1] (default: 0.5)")
     c.add_argument("--out", default=None, help="folder whose attnreg.json gets the result (default: the model's)")

@@ -4,10 +4,11 @@ and the options of models, sampling and regulation."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
-from ..options import DEFAULT_GUIDANCE, OptionError, config_options, parse_seed, split_list
+from ..options import DEFAULT_GUIDANCE, DEFAULT_STEPS, OptionError, config_options, parse_seed, split_list
 
 
 class Parser(argparse.ArgumentParser):
@@ -112,12 +113,45 @@ def add_threads_arg(p: argparse.ArgumentParser, note: str = "") -> None:
                    "where more threads contend; the images depend on the count, so keep it fixed)")
 
 
+SAMPLER_DEFAULT = "the model's attnreg.json {key}, else {value}"
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """The pipeline-call options every sub-command that generates shares."""
-    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default: 50)")
-    p.add_argument("--guidance", type=guidance_scale, default=DEFAULT_GUIDANCE,
-                   help=f"classifier-free guidance scale, > 1 (default: {DEFAULT_GUIDANCE})")
+    """The pipeline-call options every sub-command that generates shares; --steps and --guidance left out are
+    the model's own (`fill_sampler_defaults`)."""
+    add_steps_and_guidance(p)
     p.add_argument("--size", type=image_size, default=None, help="image height and width, a multiple of 8 (default: the model's)")
+
+
+def add_steps_and_guidance(p: argparse.ArgumentParser, steps_help: str = "denoising steps") -> None:
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"{steps_help} (default: {SAMPLER_DEFAULT.format(key='num_inference_steps', value=DEFAULT_STEPS)})")
+    p.add_argument("--guidance", type=guidance_scale, default=None,
+                   help="classifier-free guidance scale, > 1 (default: "
+                   f"{SAMPLER_DEFAULT.format(key='guidance_scale', value=DEFAULT_GUIDANCE)})")
+
+
+def sampler_defaults(model: str | None) -> tuple[int, float]:
+    """(steps, guidance) a model is sampled with: its attnreg.json `num_inference_steps` and `guidance_scale`
+    (docs/attnreg-json.md) when it names them, else Stable Diffusion's 50 and 7.5. `model`: a local folder, a
+    hub id (no attnreg.json here) or None for the default embedded model."""
+    from ..toy import model_path
+
+    folder = Path(model) if model else model_path(check=False)
+    spec = folder / "attnreg.json"
+    info = json.loads(spec.read_text()) if spec.is_file() else {}
+    return int(info.get("num_inference_steps", DEFAULT_STEPS)), float(info.get("guidance_scale", DEFAULT_GUIDANCE))
+
+
+def fill_sampler_defaults(args) -> None:
+    """`--steps` and `--guidance` left out (None) become the model's own (`sampler_defaults`)."""
+    if getattr(args, "steps", 0) is not None and getattr(args, "guidance", 0) is not None:
+        return
+    steps, guidance = sampler_defaults(getattr(args, "model", None))
+    if getattr(args, "steps", 0) is None:
+        args.steps = steps
+    if getattr(args, "guidance", 0) is None:
+        args.guidance = guidance
 
 
 def prepare_run(args) -> None:

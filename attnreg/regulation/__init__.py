@@ -15,7 +15,7 @@ Shapes use the paper's notation:
 """
 
 from .binding import BoundTerms, binding_loss, bound_loss_and_grad, optimise_rows_bound, spread
-from .maps import (SolverResult, bump_sigma, descend_rows, gaussian_bases, offsets_from_weights, quantile_along_pixels,
+from .maps import (SolverResult, bump_sigma, gaussian_bases, offsets_from_weights, quantile_along_pixels,
                    smoothed_weights, target_probs)
 from .paper import LossWeights, loss_and_grad, optimise_offsets, target_share
 from .relative import FAST_STEP_SHARES, RelativeLoss, optimise_rows, reference_levels, step_sizes
@@ -24,7 +24,7 @@ from .step import (RegulatedStep, edit_group, floor_offset, images_to_edit, leak
 
 __all__ = [
     "BoundTerms", "FAST_STEP_SHARES", "LossWeights", "RegulatedStep", "RelativeLoss", "SolverResult", "binding_loss",
-    "bound_loss_and_grad", "bump_sigma", "descend_rows", "edit_group", "floor_offset", "gaussian_bases",
+    "bound_loss_and_grad", "bump_sigma", "edit_group", "floor_offset", "gaussian_bases",
     "images_to_edit", "leaking", "loss_and_grad", "neglected", "offsets_from_weights", "optimise_offsets",
     "optimise_rows", "optimise_rows_bound", "quantile_along_pixels", "reference_levels", "regulate_step",
     "renormalised", "rest_logsumexp", "smoothed_weights", "solve_weights", "spread", "step_sizes",

@@ -94,29 +94,6 @@ class SolverResult:
     initial_loss: torch.Tensor  # loss of the initial weights
 
 
-def descend_rows(loss_and_grad_fn, init_weights: torch.Tensor, iterations: int, lr: float,
-                 steps: tuple[float, ...] | None = None) -> SolverResult:
-    """`iterations` gradient steps of size `lr` (or the step sizes `steps`) on per-row losses, keeping
-    each row's best iterate.
-
-    `loss_and_grad_fn(w)` returns the loss of every row (B,) and the gradient of each row's loss by its
-    own weights (B, K, n). The iterate after the last step is scored too."""
-    steps = (lr,) * iterations if steps is None else tuple(steps)
-    w = init_weights.detach().float()
-    best_w, best_loss, first_loss = w, None, None
-    for i in range(len(steps) + 1):
-        value, grad = loss_and_grad_fn(w)
-        if best_loss is None:
-            first_loss, best_loss = value, value
-        else:
-            better = value < best_loss
-            best_w = torch.where(better[:, None, None], w, best_w)
-            best_loss = torch.where(better, value, best_loss)
-        if i < len(steps):
-            w = w - steps[i] * grad
-    return SolverResult(best_w, best_loss, first_loss)
-
-
 def offsets_from_weights(weights: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
     """Delta(p, t) = sum_k w[k, t] G_k(p): (B, K, n) x (K, P) -> (B, P, n)."""
     return torch.einsum("bkn,kp->bpn", weights, bases.to(weights.dtype))
