@@ -34,14 +34,17 @@ def model_folder(pipe) -> Path | None:
     return folder if (folder / "model_index.json").is_file() else None
 
 
+def folder_spec(folder: Path) -> dict:
+    """The `attnreg.json` in a model's folder (docs/attnreg-json.md), or {} when it has none."""
+    spec = Path(folder) / "attnreg.json"
+    return json.loads(spec.read_text()) if spec.is_file() else {}
+
+
 def model_spec(unet) -> dict:
     """The model's `attnreg.json` beside the folder its UNet (or transformer, `unet` being the pipeline's
-    denoiser) was loaded from (docs/attnreg-json.md), or {}."""
+    denoiser) was loaded from, or {}."""
     source = getattr(unet.config, "_name_or_path", None)
-    spec = Path(source).parent / "attnreg.json" if source else None
-    if spec is None or not spec.is_file():
-        return {}
-    return json.loads(spec.read_text())
+    return folder_spec(Path(source).parent) if source else {}
 
 
 def model_calibration_prompts(pipe) -> list[str]:

@@ -4,7 +4,6 @@ and the options of models, sampling and regulation."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -135,11 +134,10 @@ def sampler_defaults(model: str | None) -> tuple[int, float]:
     """(steps, guidance) a model is sampled with: its attnreg.json `num_inference_steps` and `guidance_scale`
     (docs/attnreg-json.md) when it names them, else Stable Diffusion's 50 and 7.5. `model`: a local folder, a
     hub id (no attnreg.json here) or None for the default embedded model."""
+    from ..modelspec import folder_spec
     from ..toy import model_path
 
-    folder = Path(model) if model else model_path(check=False)
-    spec = folder / "attnreg.json"
-    info = json.loads(spec.read_text()) if spec.is_file() else {}
+    info = folder_spec(Path(model) if model else model_path(check=False))
     return int(info.get("num_inference_steps", DEFAULT_STEPS)), float(info.get("guidance_scale", DEFAULT_GUIDANCE))
 
 
