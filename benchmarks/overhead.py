@@ -10,8 +10,10 @@ Two models:
     edited, the worst case.
   --model embedded: the embedded shapes model (attnreg.toy), 50 steps at 64 x 64, 2 two-object and 2
     three-object prompts, the calibrated layer.
+  --model embedded-mmdit: the embedded MMDiT (SD3) model, its own sampler (28 steps, guidance 3), the same
+    prompts, the calibrated joint block; `taca` (TextAttentionScaling) is a method here.
 
-Methods: sd; auto (the default); paper; and on request auto-every, auto-no-concentration (binding 2 alone) and
+Methods: sd; auto (the default); paper; taca (MMDiT only); and on request auto-every, auto-no-concentration (binding 2 alone) and
 auto-compiled(-every) (compile="on": torch.compile also on CPU; no
 dispatch-mode operator count, since torch.compile does not run under one: benchmarks/archive/compiled_edit.py
 counts the edit's launches alone; the profiler column counts them in the whole pipeline). They are timed in turn within each repeat (drift hits all alike);
@@ -24,6 +26,7 @@ process that builds the pipeline and makes one image with that method (ru_maxrss
 allocated memory in this process).
 
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --model embedded --repeats 5
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --model embedded-mmdit --repeats 5
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --steps 4 --size 256 --repeats 5
     python benchmarks/overhead.py --device cuda --dtype float16 --steps 50 --repeats 5
 
@@ -48,7 +51,8 @@ from attnreg import AttentionRegulator, RegulationConfig
 from attnreg.tokenizer import load_clip_tokenizer
 
 PROMPT, TARGETS = "a painting of an elephant with glasses", ["elephant", "glasses"]
-METHODS = ("sd", "auto", "paper", "auto-every", "auto-compiled", "auto-compiled-every", "auto-no-concentration")
+METHODS = ("sd", "auto", "paper", "taca", "auto-every", "auto-compiled", "auto-compiled-every",
+           "auto-no-concentration")
 
 
 def sd15_pipeline(device: str, dtype: torch.dtype):
@@ -146,10 +150,10 @@ def peak_memory_mb(device: str) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def embedded_pipeline(device: str, dtype: torch.dtype):
+def embedded_pipeline(device: str, dtype: torch.dtype, name: str = "toy-unet"):
     from attnreg.toy import load_pipeline
 
-    pipe = load_pipeline(device, dtype)
+    pipe = load_pipeline(device, dtype, name=name)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -178,20 +182,30 @@ def config_of(method: str, layers) -> RegulationConfig:
 def build(args):
     """(pipeline, {method: one image's call}, edited layers per call, description)."""
     dtype = getattr(torch, args.dtype)
-    if args.model == "embedded":
-        pipe, work, layers = embedded_pipeline(args.device, dtype), embedded_prompts(), None
-        what = f"embedded shapes model, {len(work)} prompts (2 and 3 objects) per repeat"
+    if args.model in ("embedded", "embedded-mmdit"):
+        name = "toy-mmdit" if args.model == "embedded-mmdit" else "toy-unet"
+        pipe, work, layers = embedded_pipeline(args.device, dtype, name), embedded_prompts(), None
+        what = f"embedded shapes model {name}, {len(work)} prompts (2 and 3 objects) per repeat"
     else:
         from attnreg.regulator import default_layers
 
         pipe, work = sd15_pipeline(args.device, dtype), [(PROMPT, TARGETS)]
         layers = default_layers(pipe.unet)
         what = "SD 1.5-shaped UNet (random weights), layers " + ", ".join(layers) + " for every preset"
-    call = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size, output_type="latent")
+    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size,
+                output_type="latent")
     methods, n_layers = {}, {}
     for name in args.methods:
-        if name == "sd":
-            methods[name] = lambda: [pipe(p, generator=torch.Generator("cpu").manual_seed(0), **call) for p, _ in work]
+        if name in ("sd", "taca"):
+            if name == "taca":
+                from attnreg.taca import TextAttentionScaling
+
+                run = TextAttentionScaling(pipe)
+                n_layers[name] = len(run.layers)
+            else:
+                run = pipe
+            methods[name] = lambda run=run: [run(p, generator=torch.Generator("cpu").manual_seed(0), **call)
+                                             for p, _ in work]
             continue
         reg = AttentionRegulator(pipe, config_of(name, layers))
         n_layers[name] = len(reg.layers)
@@ -202,10 +216,12 @@ def build(args):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="sd15", choices=["sd15", "embedded"])
+    p.add_argument("--model", default="sd15", choices=["sd15", "embedded", "embedded-mmdit"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 for sd15, 50 for embedded)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: 4 for sd15, 50 for embedded, 28 for embedded-mmdit)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 3 for embedded-mmdit, else 7.5)")
     p.add_argument("--size", type=int, default=None, help="image size (default: 512 for sd15, 64 for embedded)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--methods", default=None,
@@ -215,11 +231,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one method's peak RSS, printed
     args = p.parse_args(argv)
-    args.steps = args.steps or (50 if args.model == "embedded" else 4)
-    args.size = args.size or (64 if args.model == "embedded" else 512)
-    default = ["sd", "auto", "paper"] + (["auto-every"] if args.model == "sd15" else [])
+    mmdit = args.model == "embedded-mmdit"
+    args.steps = args.steps or {"embedded": 50, "embedded-mmdit": 28}.get(args.model, 4)
+    args.size = args.size or (512 if args.model == "sd15" else 64)
+    args.guidance = args.guidance or (3.0 if mmdit else 7.5)
+    default = ["sd", "auto"] + (["taca"] if mmdit else ["paper"]) + (["auto-every"] if args.model == "sd15" else [])
     args.methods = [m.strip() for m in args.methods.split(",")] if args.methods else default
     bad = [m for m in args.methods if m not in METHODS]
+    if "taca" in args.methods and not mmdit:
+        p.error("--methods: taca scales joint attention; it runs on --model embedded-mmdit only")
     if bad or "sd" not in args.methods:
         p.error(f"--methods: unknown {bad}" if bad else "--methods must include sd (the baseline)")
     if args.peak_of:
@@ -262,7 +282,8 @@ def main(argv=None) -> int:
     if not args.no_memory and not args.device.startswith("cuda"):
         for name in methods:  # a fresh process each: ru_maxrss is a process's peak, it never goes down
             cmd = [sys.executable, __file__, "--peak-of", name, "--model", args.model, "--device", args.device,
-                   "--dtype", args.dtype, "--steps", str(args.steps), "--size", str(args.size)]
+                   "--dtype", args.dtype, "--steps", str(args.steps), "--size", str(args.size),
+                   "--guidance", str(args.guidance)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             memory[name] = float(done.stdout.strip().splitlines()[-1].split()[1])
 
@@ -273,7 +294,7 @@ def main(argv=None) -> int:
     med = {m: statistics.median(t) if t else None for m, t in times.items()}
     layer_note = ", ".join(f"{m} {k}" for m, k in n_layers.items())
     print(f"# overhead: {what}, {args.size}x{args.size}, {args.steps} steps ({edit_steps} edited; layers: {layer_note}), "
-          f"guidance 7.5, {args.dtype}, {args.device} ({device_name}), torch {torch.__version__}, "
+          f"guidance {args.guidance:g}, {args.dtype}, {args.device} ({device_name}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {0 if args.no_time else args.repeats}")
     print("| method | s / image (median) | min | max | ratio vs sd | peak RSS MB (own process) | vs sd "
           "| ATen compute ops / image | extra | extra at 50 steps | extra per edited layer call "
