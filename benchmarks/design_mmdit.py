@@ -9,11 +9,13 @@ guidance 3 (the shipped model's; --guidance to change it), the model's max_seque
     OMP_NUM_THREADS=1 python benchmarks/design_mmdit.py --model runs/export-mmdit --configs vanilla,auto,taca \
         --kinds 2 --prompts 12 --seeds 2000-2007 --out runs/design-mmdit/rows.jsonl
     python benchmarks/design_mmdit.py --summary runs/design-mmdit/rows.jsonl
+    python benchmarks/design_mmdit.py --summary benchmarks/data/design-mmdit-s4.jsonl.gz   # the stage-4 sweep
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import time
 from pathlib import Path
@@ -46,6 +48,8 @@ CONFIGS = {
     "auto_conc4_floor05": ("attnreg", {"concentration": 4.0, "text_floor": 0.05}),
     "auto_conc4_floor20": ("attnreg", {"concentration": 4.0, "text_floor": 0.2}),
     "auto_conc4_iter40": ("attnreg", {"concentration": 4.0, "iterations": 40}),
+    "auto_conc4_bind4": ("attnreg", {"concentration": 4.0, "binding": 4.0}),
+    "auto_conc4_bind8": ("attnreg", {"concentration": 4.0, "binding": 8.0}),
     "taca": ("taca", {}),
     "taca_all": ("taca", {"steps": 28}),
 }
@@ -118,7 +122,9 @@ def run(args) -> None:
 def summary(path: str, against: str, metric: str = "success") -> None:
     from attnreg.eval.stats import mean_ci
 
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        rows = [json.loads(line) for line in f]
     by = {}
     for r in rows:
         by.setdefault(r["config"], {})[(r["prompt"], r["seed"])] = r
