@@ -196,14 +196,10 @@ def build(args):
                 output_type="latent")
     methods, n_layers = {}, {}
     for name in args.methods:
-        if name in ("sd", "taca"):
-            if name == "taca":
-                from attnreg.taca import TextAttentionScaling
+        if name in ("sd", "taca"):  # no regulator: no edited layer calls to count per
+            from attnreg.taca import TextAttentionScaling
 
-                run = TextAttentionScaling(pipe)
-                n_layers[name] = len(run.layers)
-            else:
-                run = pipe
+            run = TextAttentionScaling(pipe) if name == "taca" else pipe
             methods[name] = lambda run=run: [run(p, generator=torch.Generator("cpu").manual_seed(0), **call)
                                              for p, _ in work]
             continue

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +53,9 @@ def features(folder: Path, method: str, threshold: float) -> None:
 
     def spy(mask):
         fill, _ = detect_module.shape_features(mask)
-        seen_now.append((fill, hull_fill(mask), plain(mask)))
-        return plain(mask)
+        shape = plain(mask)
+        seen_now.append((fill, hull_fill(mask), shape))
+        return shape
 
     detect_module._classify_shape = spy
     try:
@@ -80,17 +80,19 @@ def features(folder: Path, method: str, threshold: float) -> None:
 
 
 def paired(verdicts: dict, rule: str, subset: str, method: str) -> str | None:
+    from attnreg.eval.stats import mean_ci
+
     keys = [k for k in verdicts if k[:3] == (rule, subset, "sd") and (rule, subset, method, *k[3:]) in verdicts]
     if not keys:
         return None
     a = [verdicts[k] for k in keys]
     b = [verdicts[(rule, subset, method, *k[3:])] for k in keys]
     d = [int(y) - int(x) for x, y in zip(a, b)]
-    n, mean = len(d), sum(d) / len(d)
-    half = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, n - 1)) / math.sqrt(n)
+    n = len(d)
+    mean, low, high = mean_ci(d)
     kept = sum(1 for x, y in zip(a, b) if x and y) / max(1, sum(a))
     return (f"| {rule} | {subset} | {method} | {n} | {100 * sum(a) / n:.1f} % | {100 * sum(b) / n:.1f} % | "
-            f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}] | "
+            f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
             f"{sum(x > 0 for x in d)} / {sum(x < 0 for x in d)} | {100 * kept:.1f} % |")
 
 
@@ -98,16 +100,17 @@ def rescore(folder: Path, threshold: float) -> None:
     from attnreg.toy import score
 
     plain = detect_module._classify_shape
+    rules = (("fill", plain), (f"hull {threshold:g}", hull_rule(threshold)))
     verdicts, methods = {}, set()
     try:
-        for rule, classify in (("fill", plain), (f"hull {threshold:g}", hull_rule(threshold))):
-            detect_module._classify_shape = classify
-            for record, image in records(folder):
-                method = record["method"]
-                if method == "attnreg":
-                    method += f" (binding {record['config'].get('binding'):g}, concentration "
-                    method += f"{record['config'].get('concentration'):g})"
-                methods.add(method)
+        for record, image in records(folder):  # each picture read once, scored by both rules
+            method = record["method"]
+            if method == "attnreg":
+                method += f" (binding {record['config'].get('binding'):g}, concentration "
+                method += f"{record['config'].get('concentration'):g})"
+            methods.add(method)
+            for rule, classify in rules:
+                detect_module._classify_shape = classify
                 key = (rule, record["subset"], method, record["prompt"], record["seed"])
                 verdicts[key] = bool(score(record["prompt"], image)["success"])
     finally:
@@ -115,7 +118,7 @@ def rescore(folder: Path, threshold: float) -> None:
     print("\nevery method paired with sd, by rule")
     print("| rule | kind | method | pairs | sd | method | difference [95 %] | wins / losses | kept |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for rule in ("fill", f"hull {threshold:g}"):
+    for rule, _ in rules:
         for subset in ("1obj", "2obj", "3obj"):
             for method in sorted(methods - {"sd"}):
                 line = paired(verdicts, rule, subset, method)
