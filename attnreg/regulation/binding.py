@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .maps import SolverResult, target_probs
-from .relative import RelativeLoss, _keep_best, _levels_short, _row_constants, _short_grad
+from .relative import RelativeLoss, _row_constants
 
 
 def binding_loss(probs: torch.Tensor, pairs: tuple[tuple[int, int], ...], nouns: tuple[int, ...]) -> torch.Tensor:
@@ -34,8 +34,8 @@ def binding_loss(probs: torch.Tensor, pairs: tuple[tuple[int, int], ...], nouns:
 
 def bhattacharyya(probs: torch.Tensor):
     """overlap(a, b) -> (B,): BC of columns a and b of `probs` (B, P, n), each map normalised to sum 1."""
-    maps = probs / probs.sum(dim=1, keepdim=True)
-    return lambda a, b: torch.sqrt(maps[..., a] * maps[..., b] + 1e-20).sum(dim=1)
+    roots = (probs / probs.sum(dim=1, keepdim=True) + 1e-20).sqrt()  # the epsilon keeps the gradient finite at 0
+    return lambda a, b: (roots[..., a] * roots[..., b]).sum(dim=1)
 
 
 def spread(probs: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -94,31 +94,50 @@ class _BoundProblem:
         (self.shifted, self.rest, self.basis_t, self.basis, self.log_ref, self.value_coef, self.grad_coef, self.reg,
          self.top, self.frac, self.split) = _row_constants(target_logits, rest_lse, bases, terms.ref_high,
                                                            terms.ref_mean, terms.loss, measured=terms.n_nouns)
-        n = target_logits.shape[-1]
-        self.n_nouns = terms.n_nouns
+        b, pixels, n = target_logits.shape
+        self.n_nouns, self.pad = terms.n_nouns, n - terms.n_nouns
+        # the mean measured as the map's sum: log(P ref) - log(sum) = log(ref) - log(mean), and dL/dP(p) is the same
+        self.log_ref = self.log_ref + torch.tensor([[0.0], [math.log(pixels)]], dtype=self.shifted.dtype,
+                                                   device=self.shifted.device)
+        self.grad_coef = self.grad_coef * torch.tensor([[1.0], [pixels]], dtype=self.shifted.dtype,
+                                                       device=self.shifted.device)
         self.overlap = (_OverlapTerms(terms.pairs, terms.n_nouns, n, terms.binding, self.shifted)
                         if terms.binding and terms.pairs else None)
-        self.gather = (_Concentration(terms.reference, terms.hw, terms.concentration, self.shifted)
+        self.gather = (_Concentration(terms.reference, terms.hw, terms.concentration, n, self.shifted)
                        if terms.concentration > 0 else None)
+        # how the quantile's gradient splits between its order statistics (all to one when it is one)
+        self.to_order_stats = (torch.ones(1, 1, dtype=self.shifted.dtype, device=self.shifted.device)
+                               if self.split is None else self.split.to(self.shifted.dtype))
 
     def __call__(self, w: torch.Tensor, grad: bool = True):
         m = self.n_nouns
         e = torch.baddbmm(self.shifted, self.basis_t, w).exp_()  # exp(log P + offsets), unnormalised
         probs = e.div_(e.sum(dim=-1, keepdim=True).add_(self.rest))  # (B, P, n)
-        levels, short, where = _levels_short(probs[..., :m], self.top, self.frac, self.split, self.log_ref)
-        value = (short * short * self.value_coef).sum(dim=(1, 2)) + self.reg * (w * w).sum(dim=(1, 2))
         total = probs.sum(dim=1, keepdim=True)  # (B, 1, n)
+        values, where = probs[..., :m].topk(self.top, dim=1)
+        high = values[:, -1:] if self.split is None else torch.lerp(values[:, -1:], values[:, -2:-1], self.frac)
+        levels = torch.cat([high, total[..., :m]], dim=1)  # (B, 2, m): the quantile, and the sum (P x the mean)
+        short = (self.log_ref - levels.log()).relu_()
+        value = (short * short).mul_(self.value_coef).sum(dim=(1, 2)).add_((w * w).sum(dim=(1, 2)), alpha=self.reg)
         maps = probs / total  # each map normalised to sum 1
-        g_maps = torch.zeros_like(maps)
+        g_maps = None
         if self.overlap is not None:
-            value = value + self.overlap.add_grad(maps, g_maps)
+            g_maps = self.overlap.add_grad(maps, value)
         if self.gather is not None:
-            value = value + self.gather.add_grad(maps, g_maps)
+            g_maps = self.gather.add_grad(maps, value, g_maps)
         if not grad:
             return value, None
-        # through M_c = P_c / S_c: dL/dP_c = (dL/dM_c - sum_p dL/dM_c(p) M_c(p)) / S_c
-        g_probs = g_maps.sub_((g_maps * maps).sum(dim=1, keepdim=True)).div_(total)
-        g_probs[..., :m] += _short_grad(short, levels, where, self.grad_coef, self.split, self.shifted.shape[1])
+        if g_maps is None:
+            g_maps = torch.zeros_like(maps)
+        # the shortfall's gradient by P: the mean's, the same at every pixel (B, 1, m), and the quantile's at its
+        # order statistics
+        g = short.div_(levels).mul_(self.grad_coef)
+        # through M_c = P_c / S_c: dL/dP_c = (dL/dM_c - sum_p dL/dM_c(p) M_c(p)) / S_c, plus the mean's part
+        # (g_mean S_c / S_c, folded into the subtracted constant)
+        per_map = torch.addcmul((g_maps * maps).sum(dim=1, keepdim=True), F.pad(g[:, 1:], (0, self.pad)), total,
+                                value=-1)
+        g_probs = g_maps.sub_(per_map).div_(total)
+        g_probs.scatter_add_(1, where[:, -self.to_order_stats.shape[0]:], g[:, :1] * self.to_order_stats)
         # through the softmax over all tokens: dL/da_s = P_s (g_s - sum_t g_t P_t); only targets move
         t = g_probs.mul_(probs)
         return value, torch.addcmul(t, probs, t.sum(dim=-1, keepdim=True), value=-1)
@@ -127,55 +146,68 @@ class _BoundProblem:
 class _OverlapTerms:
     """binding x `binding_loss` as sum_ab c_ab BC(a, b) of overlaps with per-row coefficients: each (modifier m,
     noun t) pair puts -1 on (m, t) and +1 on the other noun m overlaps most, the max's gradient (split evenly
-    between tied nouns, as autograd's amax does), over the number of pairs."""
+    between tied nouns, as autograd's amax does), over the number of pairs. With R = sqrt(M) (each map's root),
+    BC = R^T R and, the summands being symmetric, the term is sum_p R . (R H) with H = (C + C^T) / 2 and its
+    gradient by M is (R H) / R. With at most two nouns each modifier has at most one other noun, so C is fixed."""
 
     def __init__(self, pairs, n_nouns: int, n: int, binding: float, like: torch.Tensor):
         modifiers, own = zip(*pairs)
         self.modifiers = torch.tensor(modifiers, device=like.device)
         self.is_own = torch.zeros(len(pairs), n_nouns, dtype=torch.bool, device=like.device)
         self.is_own[range(len(pairs)), own] = True
-        self.is_other = ~self.is_own
         self.own_coef = self.is_own.to(like.dtype)
         # each pair's coefficients land in its modifier's row; a modifier may bind two nouns, and its rows add
         self.into_rows = torch.zeros(n, len(pairs), device=like.device, dtype=like.dtype)
         self.into_rows[list(modifiers), range(len(pairs))] = binding / len(pairs)
         self.n_nouns, self.pad = n_nouns, n - n_nouns
+        # one other noun (or none): the max has one candidate and the coefficients do not depend on the maps
+        self.fixed = self._symmetric((~self.is_own).to(like.dtype)) if n_nouns <= 2 else None
 
-    def add_grad(self, maps, g_maps) -> torch.Tensor:
-        """The term per row (B,) at the normalised maps M (B, P, n); adds its gradient by M into `g_maps`."""
-        root = (maps[..., :, None] * maps[..., None, :]).add_(1e-20).sqrt_()  # as in `bhattacharyya`
-        overlap = root.sum(dim=1)  # (B, n, n)
-        leaks = overlap[:, self.modifiers, : self.n_nouns].masked_fill(self.is_own, -math.inf)  # the other nouns
-        # & is_other: with one noun every entry is -inf and there is no max to take
-        tied = ((leaks == leaks.amax(dim=-1, keepdim=True)) & self.is_other).to(maps.dtype)
-        share = tied.div_(tied.sum(dim=-1, keepdim=True).clamp_min(1)).sub_(self.own_coef)
-        coef = F.pad(self.into_rows @ share, (0, self.pad))  # (B, n, n)
-        # d sqrt(M_a M_b + e) / dM_a = M_b / (2 sqrt(M_a M_b + e)); the summands are symmetric in a and b, so
-        # c_ab and c_ba both reach column a
-        half = (coef + coef.transpose(1, 2)).mul_(0.5)
-        g_maps += (maps[..., None, :] / root).mul_(half[:, None]).sum(dim=-1)
-        return (coef * overlap).sum(dim=(1, 2))
+    def _symmetric(self, leak_share: torch.Tensor) -> torch.Tensor:
+        """H = (C + C^T) / 2 from each pair's share of its leak over the nouns (pairs x nouns, or batched)."""
+        coef = F.pad(self.into_rows @ (leak_share - self.own_coef), (0, self.pad))  # (..., n, n)
+        return (coef + coef.transpose(-1, -2)).mul_(0.5)
+
+    def add_grad(self, maps, value) -> torch.Tensor:
+        """Adds the term per row at the normalised maps M (B, P, n) into `value` (B,); returns its gradient by M."""
+        roots = maps.add(1e-20).sqrt_()  # as in `bhattacharyya`
+        half = self.fixed
+        if half is None:
+            overlap = roots.transpose(1, 2) @ roots  # (B, n, n)
+            leaks = overlap[:, self.modifiers, : self.n_nouns].masked_fill(self.is_own, -math.inf)  # the other nouns
+            tied = (leaks == leaks.amax(dim=-1, keepdim=True)).to(maps.dtype)  # >= 2 other nouns: never all -inf
+            half = self._symmetric(tied.div_(tied.sum(dim=-1, keepdim=True)))
+        mixed = roots @ half  # (B, P, n)
+        value.add_((roots * mixed).sum(dim=(1, 2)))
+        return mixed.div_(roots)
 
 
 class _Concentration:
     """concentration x the mean over nouns of spread / `reference` (B, m). With the pixel features
-    f = (y, x, y^2 + x^2), a spread is sum_p M f_3 - mu_y^2 - mu_x^2 (mu = sum_p M (y, x)) and
-    d spread / dM(p) = f_3 - 2 mu . (y, x): one matmul each way."""
+    f = (y, x, y^2 + x^2) and each column's moments u = sum_p M f, a spread is u_3 - u_1^2 - u_2^2 and
+    d spread / dM(p) = f . (-2 u_1, -2 u_2, 1): one matmul each way, the modifiers' columns at weight 0."""
 
-    def __init__(self, reference, hw, concentration: float, like: torch.Tensor):
+    def __init__(self, reference, hw, concentration: float, n: int, like: torch.Tensor):
         y, x = pixel_coordinates(hw, like)
-        self.features = torch.stack([y, x, y**2 + x**2], dim=-1)  # (P, 3)
-        self.n_nouns = reference.shape[-1]
-        self.scale = concentration / (self.n_nouns * reference)  # (B, m)
+        b, m = reference.shape
+        features = torch.stack([y, x, y**2 + x**2], dim=-1)  # (P, 3)
+        self.features = features.expand(b, *features.shape)  # (B, P, 3)
+        self.features_t = features.t().expand(b, 3, features.shape[0])  # (B, 3, P)
+        scale = F.pad(concentration / (m * reference), (0, n - m))[:, None, :]  # (B, 1, n)
+        unit = torch.tensor([[-2.0], [-2.0], [0.0]], dtype=like.dtype, device=like.device)
+        self.slope_of_moments = unit * scale  # (B, 3, n): the slope is slope_of_moments * u + fixed
+        self.fixed = torch.tensor([[0.0], [0.0], [1.0]], dtype=like.dtype, device=like.device) * scale
 
-    def add_grad(self, maps, g_maps) -> torch.Tensor:
-        """The term per row (B,) at the normalised maps M (B, P, n); adds its gradient by M into `g_maps`."""
-        moments = maps[..., : self.n_nouns].transpose(1, 2) @ self.features  # (B, m, 3)
-        mu, second = moments[..., :2], moments[..., 2]
-        value = (self.scale * (second - (mu * mu).sum(dim=-1))).sum(dim=-1)
-        slope = torch.cat([-2 * mu, torch.ones_like(second)[..., None]], dim=-1) * self.scale[..., None]
-        g_maps[..., : self.n_nouns] += self.features @ slope.transpose(1, 2)
-        return value
+    def add_grad(self, maps, value, g_maps=None) -> torch.Tensor:
+        """Adds the term per row at the normalised maps M (B, P, n) into `value` (B,); returns `g_maps` plus its
+        gradient by M (a new tensor when `g_maps` is None)."""
+        moments = torch.bmm(self.features_t, maps)  # (B, 3, n)
+        # sum (fixed + slope_of_moments u / 2) u = scale (u_3 - u_1^2 - u_2^2)
+        value.add_((moments * torch.addcmul(self.fixed, moments, self.slope_of_moments, value=0.5)).sum(dim=(1, 2)))
+        slope = torch.addcmul(self.fixed, moments, self.slope_of_moments)
+        if g_maps is None:
+            return torch.bmm(self.features, slope)
+        return torch.baddbmm(g_maps, self.features, slope)
 
 
 def optimise_rows_bound(
@@ -197,7 +229,16 @@ def optimise_rows_bound(
     """The binding solver: `iterations` unit steps of size `lr` per (image, head) row on `bound_loss_and_grad`,
     the relative loss on the first `n_nouns` columns (the nouns), `binding` x `binding_loss` over the (modifier,
     noun) column `pairs` and `concentration` x the nouns' relative spread on the (H, W) map `hw`; each row keeps
-    its best iterate. fp32, no host sync, a fixed number of operations, the step fused into one `baddbmm`."""
+    its best iterate. fp32, no host sync, a fixed number of operations, the step fused into one `baddbmm`.
+    Runs in inference mode (no autograd bookkeeping on its many small operations); returns ordinary tensors."""
+    with torch.inference_mode():
+        result = _descend_bound(target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, pairs, n_nouns,
+                                binding, iterations, lr, loss, concentration, hw)
+    return SolverResult(result.weights.clone(), result.loss.clone(), result.initial_loss.clone())
+
+
+def _descend_bound(target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, pairs, n_nouns, binding,
+                   iterations, lr, loss, concentration, hw) -> SolverResult:
     target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
     reference = None  # the nouns' unedited spread, concentration's yardstick
     if concentration > 0:
@@ -207,14 +248,16 @@ def optimise_rows_bound(
                        concentration, reference, hw)
     problem = _BoundProblem(target_logits, rest_lse, bases, terms)
     w = init_weights.detach().float()
-    best_w = best_loss = first_loss = None
+    iterates, values = [], []
     for i in range(iterations + 1):
         value, g_logits = problem(w, grad=i < iterations)
-        if best_loss is None:
-            first_loss, best_loss, best_w = value, value, w
-        else:
-            best_loss, best_w = _keep_best(value, w, best_loss, best_w)
+        iterates.append(w)
+        values.append(value)
         if g_logits is not None:
             # w - lr (basis @ g_logits + 2 reg w), in one operation
             w = torch.baddbmm(w, problem.basis, g_logits, beta=1 - 2 * problem.reg * lr, alpha=-lr)
-    return SolverResult(best_w, best_loss, first_loss)
+    # each row's best iterate, the first of equals; a NaN loss is never best
+    values = torch.stack(values, dim=1)  # (B, iterations + 1)
+    best = values.nan_to_num(nan=math.inf).argmin(dim=1)
+    rows = torch.arange(values.shape[0], device=values.device)
+    return SolverResult(torch.stack(iterates)[best, rows], values[rows, best], values[:, 0])
