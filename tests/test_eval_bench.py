@@ -127,6 +127,19 @@ def test_a_folder_named_by_an_older_config_key_says_so(bench, model, tmp_path):
                       steps=STEPS, out=old, metrics="none", progress=False, report=False)
 
 
+def test_an_embedded_model_is_named_by_its_short_name_not_its_checkout_path(tmp_path):
+    # the run's key must not hold this checkout's path: a folder made in one clone resumes in another
+    from attnreg.eval.runner import BenchmarkOptions
+    from attnreg.toy import model_path
+
+    def name(model):
+        return BenchmarkOptions(dataset="shapes", methods="sd", model=model, out=tmp_path / "o").model_id
+
+    assert name(str(model_path("toy-mmdit", check=False))) == "toy-mmdit"
+    assert name(str(model_path("toy-unet"))) == name(None) == "embedded"
+    assert name(str(tmp_path / "my-model")) == str(tmp_path / "my-model")
+
+
 def test_attend_and_excite_missing_or_unsupported(model, monkeypatch):
     from attnreg.eval.methods import make_method
     from attnreg.pipelines import load_pipeline
