@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .maps import SolverResult, target_probs
-from .relative import RelativeLoss, _row_constants
+from .maps import SolverResult
+from .relative import RelativeLoss, _at_least_fp32
 
 
 def binding_loss(probs: torch.Tensor, pairs: tuple[tuple[int, int], ...], nouns: tuple[int, ...]) -> torch.Tensor:
@@ -81,63 +81,91 @@ def bound_loss_and_grad(target_logits: torch.Tensor, rest_lse: torch.Tensor, bas
     gradient of each row's loss by its own weights, as the solver computes them (tested equal to autograd on
     the readable definition)."""
     problem = _BoundProblem(target_logits, rest_lse, bases, terms)
-    value, g_logits = problem(w)
-    return value, torch.baddbmm(w, problem.basis, g_logits, beta=2 * problem.reg)
+    flat = problem.flat(w)
+    value, g_logits = problem(flat)
+    return value, problem.unflat(torch.addmm(flat, problem.bases, g_logits.flatten(1), beta=2 * problem.reg))
+
+
+def _log_sum_exp(logits: torch.Tensor, rest_lse: torch.Tensor) -> torch.Tensor:
+    """(B, P, 1): log(sum_t exp(logits_t) + exp(rest_lse)) for finite `logits` (B, P, n), in a few plain
+    operations (torch.logsumexp and logaddexp handle infinities at several times the cost on small tensors)."""
+    top = torch.maximum(logits.amax(dim=-1, keepdim=True), rest_lse)
+    return (logits - top).exp_().sum(dim=-1, keepdim=True).add_((rest_lse - top).exp_()).log_().add_(top)
 
 
 class _BoundProblem:
     """One call's binding loss in closed form, with everything that does not change between iterations made
-    once (the softmax shifted by the unedited log-sum-exp, the bases as batched views, the coefficients).
-    `problem(w)` -> (loss per row (B,), dL/d(target logits) (B, P, n) without L_reg's part, or None)."""
+    once. Pixel-major: the weights as (K, B x n) and the maps as (P, B, n), so that the offsets and the step are
+    each one plain matrix product with the bases (K, P). `problem(w)` -> (loss per row (B,), dL/d(target logits)
+    (P, B, n) without L_reg's part, or None)."""
 
     def __init__(self, target_logits, rest_lse, bases, terms: BoundTerms):
-        (self.shifted, self.rest, self.basis_t, self.basis, self.log_ref, self.value_coef, self.grad_coef, self.reg,
-         self.top, self.frac, self.split) = _row_constants(target_logits, rest_lse, bases, terms.ref_high,
-                                                           terms.ref_mean, terms.loss, measured=terms.n_nouns)
-        b, pixels, n = target_logits.shape
-        self.n_nouns, self.pad = terms.n_nouns, n - terms.n_nouns
-        # the mean measured as the map's sum: log(P ref) - log(sum) = log(ref) - log(mean), and dL/dP(p) is the same
-        self.log_ref = self.log_ref + torch.tensor([[0.0], [math.log(pixels)]], dtype=self.shifted.dtype,
-                                                   device=self.shifted.device)
-        self.grad_coef = self.grad_coef * torch.tensor([[1.0], [pixels]], dtype=self.shifted.dtype,
-                                                       device=self.shifted.device)
-        self.overlap = (_OverlapTerms(terms.pairs, terms.n_nouns, n, terms.binding, self.shifted)
-                        if terms.binding and terms.pairs else None)
-        self.gather = (_Concentration(terms.reference, terms.hw, terms.concentration, n, self.shifted)
+        loss = terms.loss
+        tl, rl = _at_least_fp32(target_logits), _at_least_fp32(rest_lse)
+        b, pixels, n = tl.shape
+        m = self.n_nouns = terms.n_nouns
+        self.k = bases.shape[0]
+        like = dict(dtype=tl.dtype, device=tl.device)
+        lse = _log_sum_exp(tl, rl)  # (B, P, 1) of the unedited logits
+        # log P of the unedited targets (<= 0, so exp below cannot overflow while offsets are sane); the other
+        # J - n columns' share, fixed
+        self.shifted = (tl - lse).transpose(0, 1).contiguous()  # (P, B, n)
+        self.rest = (rl - lse).exp_().transpose(0, 1).contiguous()  # (P, B, 1)
+        self.bases = bases.to(**like)  # (K, P): the gradient by w is bases @ dL/dlogits
+        self.bases_t = self.bases.t().contiguous()  # (P, K): offsets = bases_t @ w
+        # the levels (quantile, mean) as (quantile, the map's sum): log(P ref) - log(sum) = log(ref) - log(mean)
+        self.log_ref = torch.log(loss.lift * torch.stack([terms.ref_high, terms.ref_mean * pixels]).to(**like))
+        self.value_coef = torch.tensor([loss.gamma / m, loss.delta / m], **like)[:, None, None]
+        self.grad_coef = -2 * self.value_coef
+        self.reg = loss.epsilon / (self.k * n)  # L_reg = epsilon mean(w^2)
+        q_pos = loss.quantile * (pixels - 1)
+        self.frac = q_pos - math.floor(q_pos)
+        self.top = pixels - math.floor(q_pos)  # the quantile's two order statistics are the last two of the top
+        # how the quantile's gradient splits between its order statistics: (1 - frac) to the lower one
+        self.split = torch.tensor([self.frac, 1 - self.frac] if self.frac > 0 else [1.0], **like)[:, None, None]
+        self.levels = torch.empty(2, b, m, **like)  # filled at each evaluation
+        self.mean_grad = torch.zeros(1, b, n, **like)  # the mean's gradient per column; the modifiers' stay 0
+        self.overlap = _OverlapTerms(terms.pairs, m, n, terms.binding, tl) if terms.binding and terms.pairs else None
+        self.gather = (_Concentration(terms.reference, terms.hw, terms.concentration, n, tl)
                        if terms.concentration > 0 else None)
-        # how the quantile's gradient splits between its order statistics (all to one when it is one)
-        self.to_order_stats = (torch.ones(1, 1, dtype=self.shifted.dtype, device=self.shifted.device)
-                               if self.split is None else self.split.to(self.shifted.dtype))
+
+    def flat(self, w: torch.Tensor) -> torch.Tensor:
+        """(B, K, n) weights -> (K, B x n)."""
+        return w.transpose(0, 1).reshape(self.k, -1).contiguous()
+
+    def unflat(self, w: torch.Tensor) -> torch.Tensor:
+        """(K, B x n) weights -> (B, K, n)."""
+        return w.view(self.k, -1, self.shifted.shape[-1]).transpose(0, 1).contiguous()
 
     def __call__(self, w: torch.Tensor, grad: bool = True):
-        m = self.n_nouns
-        e = torch.baddbmm(self.shifted, self.basis_t, w).exp_()  # exp(log P + offsets), unnormalised
-        probs = e.div_(e.sum(dim=-1, keepdim=True).add_(self.rest))  # (B, P, n)
-        total = probs.sum(dim=1, keepdim=True)  # (B, 1, n)
-        values, where = probs[..., :m].topk(self.top, dim=1)
-        high = values[:, -1:] if self.split is None else torch.lerp(values[:, -1:], values[:, -2:-1], self.frac)
-        levels = torch.cat([high, total[..., :m]], dim=1)  # (B, 2, m): the quantile, and the sum (P x the mean)
+        m, (pixels, b, n) = self.n_nouns, self.shifted.shape
+        e = torch.addmm(self.shifted.view(pixels, -1), self.bases_t, w).exp_().view(pixels, b, n)  # unnormalised
+        probs = e.div_(e.sum(dim=-1, keepdim=True).add_(self.rest))  # (P, B, n)
+        total = probs.sum(dim=0, keepdim=True)  # (1, B, n)
+        values, where = probs[..., :m].topk(self.top, dim=0)
+        levels = self.levels
+        torch.lerp(values[-1:], values[-2:-1], self.frac, out=levels[:1])
+        levels[1:].copy_(total[..., :m])
         short = (self.log_ref - levels.log()).relu_()
-        value = (short * short).mul_(self.value_coef).sum(dim=(1, 2)).add_((w * w).sum(dim=(1, 2)), alpha=self.reg)
+        value = (short * short).mul_(self.value_coef).sum(dim=(0, 2))
+        value = value.add_((w * w).view(self.k, b, n).sum(dim=(0, 2)), alpha=self.reg)
         maps = probs / total  # each map normalised to sum 1
         g_maps = None
         if self.overlap is not None:
             g_maps = self.overlap.add_grad(maps, value)
         if self.gather is not None:
-            g_maps = self.gather.add_grad(maps, value, g_maps)
+            g_maps = self.gather.add_grad(maps, value, g_maps, grad)
         if not grad:
             return value, None
         if g_maps is None:
             g_maps = torch.zeros_like(maps)
-        # the shortfall's gradient by P: the mean's, the same at every pixel (B, 1, m), and the quantile's at its
-        # order statistics
-        g = short.div_(levels).mul_(self.grad_coef)
-        # through M_c = P_c / S_c: dL/dP_c = (dL/dM_c - sum_p dL/dM_c(p) M_c(p)) / S_c, plus the mean's part
-        # (g_mean S_c / S_c, folded into the subtracted constant)
-        per_map = torch.addcmul((g_maps * maps).sum(dim=1, keepdim=True), F.pad(g[:, 1:], (0, self.pad)), total,
-                                value=-1)
+        g = short.div_(levels).mul_(self.grad_coef)  # dL/d(quantile), dL/d(sum) per (row, noun)
+        self.mean_grad[..., :m].copy_(g[1:])
+        # through M_c = P_c / S_c: dL/dP_c = (dL/dM_c - sum_p dL/dM_c(p) M_c(p)) / S_c, plus the sum's dL/dS_c
+        # at every pixel (folded into the subtracted constant); the quantile's at its order statistics
+        per_map = torch.addcmul((g_maps * maps).sum(dim=0, keepdim=True), self.mean_grad, total, value=-1)
         g_probs = g_maps.sub_(per_map).div_(total)
-        g_probs.scatter_add_(1, where[:, -self.to_order_stats.shape[0]:], g[:, :1] * self.to_order_stats)
+        g_probs.scatter_add_(0, where[-self.split.shape[0]:], g[:1] * self.split)
         # through the softmax over all tokens: dL/da_s = P_s (g_s - sum_t g_t P_t); only targets move
         t = g_probs.mul_(probs)
         return value, torch.addcmul(t, probs, t.sum(dim=-1, keepdim=True), value=-1)
@@ -169,16 +197,17 @@ class _OverlapTerms:
         return (coef + coef.transpose(-1, -2)).mul_(0.5)
 
     def add_grad(self, maps, value) -> torch.Tensor:
-        """Adds the term per row at the normalised maps M (B, P, n) into `value` (B,); returns its gradient by M."""
+        """Adds the term per row at the normalised maps M (P, B, n) into `value` (B,); returns its gradient by M."""
         roots = maps.add(1e-20).sqrt_()  # as in `bhattacharyya`
-        half = self.fixed
-        if half is None:
-            overlap = roots.transpose(1, 2) @ roots  # (B, n, n)
+        if self.fixed is not None:
+            mixed = roots @ self.fixed  # (P, B, n)
+        else:
+            overlap = roots.permute(1, 2, 0) @ roots.permute(1, 0, 2)  # (B, n, n)
             leaks = overlap[:, self.modifiers, : self.n_nouns].masked_fill(self.is_own, -math.inf)  # the other nouns
             tied = (leaks == leaks.amax(dim=-1, keepdim=True)).to(maps.dtype)  # >= 2 other nouns: never all -inf
             half = self._symmetric(tied.div_(tied.sum(dim=-1, keepdim=True)))
-        mixed = roots @ half  # (B, P, n)
-        value.add_((roots * mixed).sum(dim=(1, 2)))
+            mixed = torch.bmm(roots.transpose(0, 1), half).transpose(0, 1)
+        value.add_((roots * mixed).sum(dim=(0, 2)))
         return mixed.div_(roots)
 
 
@@ -189,25 +218,28 @@ class _Concentration:
 
     def __init__(self, reference, hw, concentration: float, n: int, like: torch.Tensor):
         y, x = pixel_coordinates(hw, like)
-        b, m = reference.shape
-        features = torch.stack([y, x, y**2 + x**2], dim=-1)  # (P, 3)
-        self.features = features.expand(b, *features.shape)  # (B, P, 3)
-        self.features_t = features.t().expand(b, 3, features.shape[0])  # (B, 3, P)
-        scale = F.pad(concentration / (m * reference), (0, n - m))[:, None, :]  # (B, 1, n)
+        m = reference.shape[-1]
+        self.features = torch.stack([y, x, y**2 + x**2], dim=-1)  # (P, 3)
+        self.features_t = self.features.t().contiguous()  # (3, P)
+        scale = F.pad(concentration / (m * reference), (0, n - m)).reshape(1, -1)  # (1, B x n)
         unit = torch.tensor([[-2.0], [-2.0], [0.0]], dtype=like.dtype, device=like.device)
-        self.slope_of_moments = unit * scale  # (B, 3, n): the slope is slope_of_moments * u + fixed
+        self.slope_of_moments = unit * scale  # (3, B x n): the slope is slope_of_moments * u + fixed
         self.fixed = torch.tensor([[0.0], [0.0], [1.0]], dtype=like.dtype, device=like.device) * scale
 
-    def add_grad(self, maps, value, g_maps=None) -> torch.Tensor:
-        """Adds the term per row at the normalised maps M (B, P, n) into `value` (B,); returns `g_maps` plus its
-        gradient by M (a new tensor when `g_maps` is None)."""
-        moments = torch.bmm(self.features_t, maps)  # (B, 3, n)
+    def add_grad(self, maps, value, g_maps=None, grad: bool = True):
+        """Adds the term per row at the normalised maps M (P, B, n) into `value` (B,); returns `g_maps` plus its
+        gradient by M (a new tensor when `g_maps` is None), or None without `grad`."""
+        pixels, b, n = maps.shape
+        moments = self.features_t @ maps.view(pixels, -1)  # (3, B x n)
         # sum (fixed + slope_of_moments u / 2) u = scale (u_3 - u_1^2 - u_2^2)
-        value.add_((moments * torch.addcmul(self.fixed, moments, self.slope_of_moments, value=0.5)).sum(dim=(1, 2)))
+        half_slope = torch.addcmul(self.fixed, moments, self.slope_of_moments, value=0.5)
+        value.add_((moments * half_slope).view(3, b, n).sum(dim=(0, 2)))
+        if not grad:
+            return None
         slope = torch.addcmul(self.fixed, moments, self.slope_of_moments)
         if g_maps is None:
-            return torch.bmm(self.features, slope)
-        return torch.baddbmm(g_maps, self.features, slope)
+            return (self.features @ slope).view(pixels, b, n)
+        return torch.addmm(g_maps.reshape(pixels, -1), self.features, slope).view(pixels, b, n)
 
 
 def optimise_rows_bound(
@@ -241,23 +273,25 @@ def _descend_bound(target_logits, rest_lse, bases, init_weights, ref_high, ref_m
                    iterations, lr, loss, concentration, hw) -> SolverResult:
     target_logits, rest_lse, bases = target_logits.float(), rest_lse.float(), bases.float()
     reference = None  # the nouns' unedited spread, concentration's yardstick
-    if concentration > 0:
-        unedited = target_probs(target_logits[..., :n_nouns], rest_lse, torch.zeros_like(target_logits[..., :n_nouns]))
-        reference = spread(unedited, hw)
+    if concentration > 0:  # the nouns' maps in the softmax of the nouns and the other tokens (as `target_probs`)
+        nouns = target_logits[..., :n_nouns]
+        reference = spread((nouns - _log_sum_exp(nouns, rest_lse)).exp_(), hw)
     terms = BoundTerms(ref_high.float(), ref_mean.float(), pairs, n_nouns, binding, loss or RelativeLoss(),
                        concentration, reference, hw)
     problem = _BoundProblem(target_logits, rest_lse, bases, terms)
-    w = init_weights.detach().float()
+    w = problem.flat(init_weights.detach().float())
     iterates, values = [], []
     for i in range(iterations + 1):
         value, g_logits = problem(w, grad=i < iterations)
         iterates.append(w)
         values.append(value)
         if g_logits is not None:
-            # w - lr (basis @ g_logits + 2 reg w), in one operation
-            w = torch.baddbmm(w, problem.basis, g_logits, beta=1 - 2 * problem.reg * lr, alpha=-lr)
+            # w - lr (bases @ g_logits + 2 reg w), in one operation
+            w = torch.addmm(w, problem.bases, g_logits.view(g_logits.shape[0], -1), beta=1 - 2 * problem.reg * lr,
+                            alpha=-lr)
     # each row's best iterate, the first of equals; a NaN loss is never best
     values = torch.stack(values, dim=1)  # (B, iterations + 1)
     best = values.nan_to_num(nan=math.inf).argmin(dim=1)
     rows = torch.arange(values.shape[0], device=values.device)
-    return SolverResult(torch.stack(iterates)[best, rows], values[rows, best], values[:, 0])
+    weights = torch.stack(iterates).view(len(iterates), problem.k, values.shape[0], -1)[best, :, rows]  # (B, K, n)
+    return SolverResult(weights, values[rows, best], values[:, 0])
