@@ -261,7 +261,7 @@ def optimise_rows_bound(
     """The binding solver: `iterations` unit steps of size `lr` per (image, head) row on `bound_loss_and_grad`,
     the relative loss on the first `n_nouns` columns (the nouns), `binding` x `binding_loss` over the (modifier,
     noun) column `pairs` and `concentration` x the nouns' relative spread on the (H, W) map `hw`; each row keeps
-    its best iterate. fp32, no host sync, a fixed number of operations, the step fused into one `baddbmm`.
+    its best iterate (the first of equals). fp32, no host sync, a fixed number of operations, the step one `addmm`.
     Runs in inference mode (no autograd bookkeeping on its many small operations); returns ordinary tensors."""
     with torch.inference_mode():
         result = _descend_bound(target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, pairs, n_nouns,
