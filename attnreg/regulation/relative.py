@@ -137,7 +137,17 @@ def optimise_rows(
     calls); the iterate after the last step is scored too. The loss and its gradient in closed form (tested
     against autograd), with the softmax shifted once by the unedited log-sum-exp, the quantile's interpolation
     one `lerp`, the two levels as one (B, 2, n) tensor and the step fused into one `baddbmm`. fp32, no host
-    sync, a fixed number of operations (compilable)."""
+    sync, a fixed number of operations (compilable). Eager, it runs in inference mode (no autograd bookkeeping
+    on its many small operations) and returns ordinary tensors."""
+    args = (target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, steps, loss)
+    if torch.compiler.is_compiling():
+        return _descend(*args)
+    with torch.inference_mode():
+        result = _descend(*args)
+    return SolverResult(result.weights.clone(), result.loss.clone(), result.initial_loss.clone())
+
+
+def _descend(target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, steps, loss) -> SolverResult:
     loss = loss or RelativeLoss()
     pixels = target_logits.shape[1]
     shifted, rest, basis_t, basis, log_ref, value_coef, grad_coef, reg, top, frac, split = _row_constants(
