@@ -195,13 +195,13 @@ class BenchmarkOptions:
     def model_id(self) -> str:
         """The model as records name it: an embedded model's folder by its short name, so that a folder of
         results made in one checkout resumes in another."""
-        from ..toy import MODELS, model_path
+        from ..toy import DEFAULT_MODEL, MODELS, model_path
 
         if self.model is None:
             return "embedded"
         for name in MODELS:
             if Path(self.model).resolve() == model_path(name, check=False):
-                return "embedded" if name == "toy-unet" else name
+                return "embedded" if name == DEFAULT_MODEL else name
         return str(self.model)
 
     def run_config(self, height: int) -> dict:

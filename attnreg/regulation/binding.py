@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .maps import SolverResult
+from .maps import SolverResult, without_autograd
 from .relative import RelativeLoss, _at_least_fp32
 
 
@@ -263,10 +263,8 @@ def optimise_rows_bound(
     noun) column `pairs` and `concentration` x the nouns' relative spread on the (H, W) map `hw`; each row keeps
     its best iterate (the first of equals). fp32, no host sync, a fixed number of operations, the step one `addmm`.
     Runs in inference mode (no autograd bookkeeping on its many small operations); returns ordinary tensors."""
-    with torch.inference_mode():
-        result = _descend_bound(target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, pairs, n_nouns,
-                                binding, iterations, lr, loss, concentration, hw)
-    return SolverResult(result.weights.clone(), result.loss.clone(), result.initial_loss.clone())
+    return without_autograd(_descend_bound, target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, pairs,
+                            n_nouns, binding, iterations, lr, loss, concentration, hw)
 
 
 def _descend_bound(target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, pairs, n_nouns, binding,

@@ -94,6 +94,17 @@ class SolverResult:
     initial_loss: torch.Tensor  # loss of the initial weights
 
 
+def without_autograd(descend, *args) -> SolverResult:
+    """`descend(*args)` (a solver's descent loop) in inference mode when eager, so that autograd keeps no books on
+    its many small operations, with the result as ordinary tensors (callers may update them in place); as it is
+    while torch.compile traces it."""
+    if torch.compiler.is_compiling():
+        return descend(*args)
+    with torch.inference_mode():
+        result = descend(*args)
+    return SolverResult(result.weights.clone(), result.loss.clone(), result.initial_loss.clone())
+
+
 def offsets_from_weights(weights: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
     """Delta(p, t) = sum_k w[k, t] G_k(p): (B, K, n) x (K, P) -> (B, P, n)."""
     return torch.einsum("bkn,kp->bpn", weights, bases.to(weights.dtype))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .maps import SolverResult, _levels_grad, quantile_along_pixels
+from .maps import SolverResult, _levels_grad, quantile_along_pixels, without_autograd
 
 @dataclass(frozen=True)
 class RelativeLoss:
@@ -139,12 +139,7 @@ def optimise_rows(
     one `lerp`, the two levels as one (B, 2, n) tensor and the step fused into one `baddbmm`. fp32, no host
     sync, a fixed number of operations (compilable). Eager, it runs in inference mode (no autograd bookkeeping
     on its many small operations) and returns ordinary tensors."""
-    args = (target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, steps, loss)
-    if torch.compiler.is_compiling():
-        return _descend(*args)
-    with torch.inference_mode():
-        result = _descend(*args)
-    return SolverResult(result.weights.clone(), result.loss.clone(), result.initial_loss.clone())
+    return without_autograd(_descend, target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, steps, loss)
 
 
 def _descend(target_logits, rest_lse, bases, init_weights, ref_high, ref_mean, steps, loss) -> SolverResult:
